@@ -1,0 +1,98 @@
+"""Checkpoints: meta-parameters, meta-optimizer state, model spec, config and round, atomically.
+
+A checkpoint is a ``torch.save`` of plain dicts, loaded with ``weights_only=True`` (no pickled
+code runs on load). Writing goes to a temporary file in the same folder, then ``os.replace``:
+a crash mid-write leaves the previous checkpoint intact, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fedmaml.errors import FedmamlError
+from fedmaml.models import build_model
+
+FORMAT = "fedmaml-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """θ (∪ learned α), and everything needed to rebuild the model and resume the run."""
+
+    params: dict[str, Tensor]
+    model: str
+    model_kwargs: dict[str, int] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    round: int = 0
+    optimizer_state: dict[str, Any] | None = None
+
+    def build_model(self) -> nn.Module:
+        """The architecture this checkpoint was trained with (parameters not loaded)."""
+        return build_model(self.model, **self.model_kwargs)
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
+    """Write ``ckpt`` to ``path`` atomically; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "params": {k: v.detach().cpu() for k, v in ckpt.params.items()},
+        "model": ckpt.model,
+        "model_kwargs": dict(ckpt.model_kwargs),
+        "config": dict(ckpt.config),
+        "round": int(ckpt.round),
+        "optimizer_state": ckpt.optimizer_state,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint; a missing, truncated or foreign file gives one clear FedmamlError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedmamlError(
+            f"checkpoint {path} does not exist; give the path of a .pt file "
+            "written by fedmaml (e.g. RUN_DIR/checkpoint.pt)"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt files
+        raise FedmamlError(
+            f"checkpoint {path} could not be read ({type(exc).__name__}); the file is truncated "
+            "or not a fedmaml checkpoint: use another checkpoint or re-run training"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise FedmamlError(f"{path} is not a fedmaml checkpoint (no '{FORMAT}' header)")
+    if payload.get("version") != VERSION:
+        raise FedmamlError(
+            f"checkpoint {path} has format version {payload.get('version')}; this fedmaml reads "
+            f"version {VERSION}: re-run training with this version"
+        )
+    return Checkpoint(
+        params=payload["params"],
+        model=payload["model"],
+        model_kwargs=payload["model_kwargs"],
+        config=payload["config"],
+        round=payload["round"],
+        optimizer_state=payload["optimizer_state"],
+    )

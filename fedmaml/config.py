@@ -1,0 +1,160 @@
+"""Typed, validated run configuration: parsed once at the edge, passed down as one object.
+
+Keys are those of ``[tool.flwr.app.config]`` in pyproject.toml (hyphenated); the dataclass
+fields are the same names with underscores. ``RunConfig.from_mapping`` checks every value and
+stops with one message naming the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from fedmaml.errors import FedmamlError
+
+TASKS = ("sine", "omniglot", "femnist", "table")
+ALGORITHMS = ("maml", "fomaml", "metasgd", "reptile", "fedavg")
+META_OPTIMIZERS = ("adam", "sgd")
+AGGREGATIONS = ("uniform", "weighted")
+AGGREGATORS = ("mean", "median", "trimmed-mean", "krum")
+DEVICES = ("auto", "cpu", "cuda")
+BATCHING = ("auto", "vmap", "loop")
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "task": TASKS,
+    "algorithm": ALGORITHMS,
+    "meta_optimizer": META_OPTIMIZERS,
+    "aggregation": AGGREGATIONS,
+    "aggregator": AGGREGATORS,
+    "batching": BATCHING,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a federated meta-learning run needs. Defaults: MAML on sinusoids."""
+
+    task: str = "sine"
+    data_path: str = ""
+    model: str = ""
+    algorithm: str = "maml"
+    inner_steps: int = 1
+    inner_lr: float = 0.01
+    eval_steps: int = 5
+    meta_optimizer: str = "adam"
+    meta_lr: float = 0.001
+    num_rounds: int = 50
+    num_train_clients: int = 100
+    num_heldout_clients: int = 20
+    fraction_train: float = 0.1
+    min_train_nodes: int = 2
+    aggregation: str = "uniform"
+    aggregator: str = "mean"
+    dp_clip: float = 0.0
+    dp_noise: float = 0.0
+    support_size: int = 10
+    query_size: int = 10
+    ways: int = 0
+    local_episodes: int = 1
+    eval_every: int = 10
+    eval_clients: int = 20
+    seed: int = 0
+    out_dir: str = "runs/latest"
+    resume: str = ""
+    device: str = "auto"
+    batching: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise _bad(name, value, f"one of {', '.join(allowed)}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise _bad("device", self.device, "auto, cpu, cuda or cuda:N")
+        for name in (
+            "inner_steps",
+            "eval_steps",
+            "num_rounds",
+            "num_train_clients",
+            "min_train_nodes",
+            "support_size",
+            "query_size",
+            "local_episodes",
+            "eval_every",
+            "eval_clients",
+        ):
+            if getattr(self, name) < 1:
+                raise _bad(name, getattr(self, name), "an integer >= 1")
+        for name in ("num_heldout_clients", "ways", "seed"):
+            if getattr(self, name) < 0:
+                raise _bad(name, getattr(self, name), "an integer >= 0")
+        if self.ways == 1:
+            raise _bad("ways", 1, "0 (use the data's own labels) or an integer >= 2")
+        for name in ("inner_lr", "meta_lr"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise _bad(name, getattr(self, name), "a finite number > 0")
+        if not 0 < self.fraction_train <= 1:
+            raise _bad("fraction_train", self.fraction_train, "a number in (0, 1]")
+        for name in ("dp_clip", "dp_noise"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise _bad(name, getattr(self, name), "a finite number >= 0")
+        if self.dp_noise > 0 and self.dp_clip <= 0:
+            raise _bad("dp_clip", self.dp_clip, "a number > 0 when dp-noise > 0")
+        if self.task != "sine" and not self.data_path:
+            raise _bad("data_path", "", f"the path of the {self.task} data")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from run_config-style keys (``inner-lr`` or ``inner_lr``); reject unknown keys."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise FedmamlError(
+                    f"unknown config key {key!r}; known keys: "
+                    + ", ".join(sorted(k.replace("_", "-") for k in known))
+                )
+            kwargs[name] = _coerce(name, value, type(getattr(cls(), name)))
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The run_config form (hyphenated keys), as stored in checkpoints and results."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def model_name(self) -> str:
+        return (
+            self.model
+            or {"sine": "sine_mlp", "omniglot": "conv4", "femnist": "femnist_cnn", "table": "mlp"}[
+                self.task
+            ]
+        )
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    try:
+        if kind is bool:
+            return bool(value)
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise _bad(name, value, f"a value of type {kind.__name__}") from None
+
+
+def _bad(name: str, value: Any, allowed: str) -> FedmamlError:
+    key = name.replace("_", "-")
+    return FedmamlError(f"config key {key!r} has value {value!r}; allowed: {allowed}")

@@ -1,0 +1,108 @@
+"""Checks at the core's edge: each failure is one FedmamlError naming the problem and the fix."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fedmaml.errors import FedmamlError, NonFiniteError
+from fedmaml.meta.params import InnerLR
+
+ALGORITHMS = ("maml", "fomaml", "metasgd", "reptile", "fedavg")
+BATCHING = ("auto", "vmap", "loop")
+
+Pair = tuple[Tensor, Tensor]
+
+
+def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise FedmamlError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+
+
+def check_steps(inner_steps: int) -> None:
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+        raise FedmamlError(f"inner_steps must be an integer >= 1 (got {inner_steps!r})")
+
+
+def check_inner_lr(inner_lr: InnerLR) -> None:
+    if isinstance(inner_lr, Mapping):
+        for name, a in inner_lr.items():
+            if not torch.isfinite(a).all():
+                raise NonFiniteError(f"learned inner step size for {name!r} is not finite")
+        return
+    if isinstance(inner_lr, bool) or not isinstance(inner_lr, float | int):
+        raise FedmamlError(f"inner_lr must be a number or a dict of tensors (got {inner_lr!r})")
+    if not math.isfinite(inner_lr) or inner_lr <= 0:
+        raise FedmamlError(f"inner_lr (α) must be a finite number > 0 (got {inner_lr})")
+
+
+def check_params(model: nn.Module, theta: Mapping[str, Tensor]) -> None:
+    expected = {k: p.shape for k, p in model.named_parameters()}
+    missing = sorted(set(expected) - set(theta))
+    unexpected = sorted(set(theta) - set(expected))
+    if missing or unexpected:
+        raise FedmamlError(
+            "params do not match the model's parameters "
+            f"(missing: {missing or 'none'}; unexpected: {unexpected or 'none'}); "
+            "pass dict(model.named_parameters()) of the same architecture"
+        )
+    for k, shape in expected.items():
+        if theta[k].shape != shape:
+            raise FedmamlError(
+                f"param {k!r} has shape {tuple(theta[k].shape)} but the model expects "
+                f"{tuple(shape)}; the parameters come from another architecture"
+            )
+
+
+def as_episodes(name: str, data: Pair | Sequence[Pair]) -> list[Pair]:
+    """One (x, y) pair, or a sequence of pairs (several episodes), as a list of pairs."""
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
+        episodes = [data]
+    elif isinstance(data, Sequence) and all(isinstance(p, tuple) and len(p) == 2 for p in data):
+        episodes = list(data)
+    else:
+        raise FedmamlError(f"{name} must be an (x, y) pair of tensors or a list of such pairs")
+    if not episodes:
+        raise FedmamlError(f"{name} holds no episodes; give at least one (x, y) pair")
+    for x, y in episodes:
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise FedmamlError(
+                f"{name} must hold tensors (got {type(x).__name__}, {type(y).__name__})"
+            )
+        if x.shape[0] == 0:
+            raise FedmamlError(f"{name} set is empty; every episode needs at least one example")
+        if x.shape[0] != y.shape[0]:
+            raise FedmamlError(
+                f"{name} has {x.shape[0]} inputs but {y.shape[0]} labels; give one label per input"
+            )
+        if torch.is_floating_point(x) and not torch.isfinite(x).all():
+            raise NonFiniteError(f"{name} inputs contain NaN or Inf; clean the data first")
+        if torch.is_floating_point(y) and not torch.isfinite(y).all():
+            raise NonFiniteError(f"{name} labels contain NaN or Inf; clean the data first")
+    return episodes
+
+
+def check_pairing(support: list[Pair], query: list[Pair]) -> None:
+    if len(support) != len(query):
+        raise FedmamlError(
+            f"{len(support)} support sets but {len(query)} query sets; give one query per support"
+        )
+    for (sx, sy), (qx, qy) in zip(support, query, strict=True):
+        if sx.shape[1:] != qx.shape[1:] or sy.shape[1:] != qy.shape[1:]:
+            raise FedmamlError(
+                f"support inputs {tuple(sx.shape[1:])} / labels {tuple(sy.shape[1:])} and query "
+                f"inputs {tuple(qx.shape[1:])} / labels {tuple(qy.shape[1:])} differ in shape; "
+                "both must come from the same task"
+            )
+
+
+def check_finite(what: str, tensors: Mapping[str, Tensor]) -> None:
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteError(
+            f"{what} is NaN or Inf (in {', '.join(bad[:5])}); lower inner_lr, or check the data "
+            "for extreme values; nothing was updated"
+        )
