@@ -175,3 +175,14 @@ def _n_way_episode(
         query=(torch.cat(qx), torch.cat(qy)),
         task_id=client.client_id,
     )
+
+
+def episode_generator(seed: int, step: int, client_index: int, stream: int = 0) -> torch.Generator:
+    """The generator for client ``client_index``'s episodes at meta-step (round) ``step``.
+
+    Federated clients and the centralized trainer both draw episodes through this function, so
+    the same (seed, step, client) yields the same episode wherever it is computed.
+    """
+    return torch.Generator().manual_seed(
+        ((seed * 1_000_003 + step) * 1_000_033 + client_index) * 4 + stream
+    )

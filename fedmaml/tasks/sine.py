@@ -31,14 +31,28 @@ class SineFamily:
 
     seed: int = 0
     points: int = 50
+    num_train: int = 100
+    num_heldout: int = 20
+    loss: str = "mse"
 
     def __post_init__(self) -> None:
         if self.points < 2:
             raise FedmamlError(f"a sinusoid client needs at least 2 points (got {self.points})")
 
+    def num_clients(self, split: str) -> int:
+        return self.num_train if split == "train" else self.num_heldout
+
+    def model_kwargs(self) -> dict[str, int]:
+        return {}
+
     def client(self, index: int, split: str = "train") -> ClientData:
         if split not in _SPLIT_OFFSET:
             raise FedmamlError(f"unknown split {split!r}; use 'train' or 'heldout'")
+        if not 0 <= index < self.num_clients(split):
+            raise FedmamlError(
+                f"sinusoid {split} client {index} does not exist "
+                f"(0..{self.num_clients(split) - 1}); raise the number of {split} clients"
+            )
         g = torch.Generator().manual_seed(self.seed * 2_000_003 + _SPLIT_OFFSET[split] + index)
         amplitude = _uniform(g, *AMPLITUDE, 1).item()
         phase = _uniform(g, *PHASE, 1).item()

@@ -1,0 +1,49 @@
+"""The ``fedmaml`` command. Each subcommand lives in ``fedmaml/commands/<name>.py`` and exposes
+``register(subparsers)`` (which sets ``func`` on its parser); heavy imports happen inside ``func``
+so that ``fedmaml --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fedmaml import __version__
+from fedmaml.errors import FedmamlError
+
+#: subcommand modules under fedmaml.commands, in the order ``--help`` lists them
+COMMANDS = ("simulate",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedmaml",
+        description="Federated meta-learning (MAML, FOMAML, Meta-SGD, Reptile) on Flower: "
+        "simulate, deploy and personalize.",
+    )
+    parser.add_argument("--version", action="version", version=f"fedmaml {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"fedmaml.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except FedmamlError as exc:
+        print(f"fedmaml {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fedmaml {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

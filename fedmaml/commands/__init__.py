@@ -1,0 +1,1 @@
+"""Subcommands of the ``fedmaml`` CLI, one module each."""

@@ -1,0 +1,36 @@
+"""Open the data source a run's configuration names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from fedmaml.config import RunConfig
+from fedmaml.errors import FedmamlError
+from fedmaml.tasks.episodes import EpisodeSpec
+from fedmaml.tasks.sine import SineFamily
+from fedmaml.tasks.source import TaskSource
+
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "mse": F.mse_loss,
+    "cross_entropy": F.cross_entropy,
+}
+
+
+def open_source(cfg: RunConfig) -> TaskSource:
+    """The clients of ``cfg.task`` (train and held-out), built lazily."""
+    if cfg.task == "sine":
+        return SineFamily(
+            seed=cfg.seed, num_train=cfg.num_train_clients, num_heldout=cfg.num_heldout_clients
+        )
+    raise FedmamlError(f"task {cfg.task!r} has no data source yet; use task = 'sine'")
+
+
+def loss_function(source: TaskSource) -> Callable[[Tensor, Tensor], Tensor]:
+    return LOSSES[source.loss]
+
+
+def episode_spec(cfg: RunConfig) -> EpisodeSpec:
+    return EpisodeSpec(support=cfg.support_size, query=cfg.query_size, ways=cfg.ways or None)
