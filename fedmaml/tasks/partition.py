@@ -1,0 +1,201 @@
+"""How examples are divided: rows into clients, clients into train and held-out, and one
+client's examples into a training pool and a held-out pool.
+
+* :func:`partition_rows` splits the rows of a table without a user column into clients with
+  flwr-datasets partitioners, run on an in-memory ``datasets.Dataset`` (never the network):
+  ``iid`` (a seeded shuffle, then equal contiguous shards), ``dirichlet`` (per-class shares
+  p_c ~ Dir(alpha), small alpha = skewed label mixes) and ``pathological`` (each client holds
+  ``classes_per_partition`` classes).
+* :func:`split_clients`: the held-out (unseen) clients are the first ``num_heldout`` ids of a
+  seeded permutation of the sorted ids; the others are the training clients.
+* :func:`holdout_split`: per group (per class when stratified), n_test = round(f * n), kept in
+  [0, n - 1] so every group keeps a training example.
+* :func:`keep_usable`: drops clients whose pools cannot give the requested episodes, with a
+  logged count, and stops when none is left.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedmaml.errors import FedmamlError
+from fedmaml.tasks.episodes import ClientData, EpisodeSpec, sample_episode
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("iid", "dirichlet", "pathological")
+_ROW = "__fedmaml_row__"
+
+
+def partition_rows(
+    df: pd.DataFrame,
+    num_partitions: int,
+    *,
+    scheme: str = "iid",
+    label_column: str | None = None,
+    alpha: float = 0.5,
+    classes_per_partition: int = 2,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Row positions (into ``df``) of each of ``num_partitions`` clients."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
+    if scheme not in SCHEMES:
+        raise FedmamlError(f"unknown partition scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+    if num_partitions < 1 or num_partitions > len(df):
+        raise FedmamlError(
+            f"cannot split {len(df)} rows into {num_partitions} clients; "
+            "use between 1 and the number of rows"
+        )
+    columns = {_ROW: np.arange(len(df))}
+    if scheme != "iid":
+        if label_column is None or label_column not in df.columns:
+            raise FedmamlError(
+                f"the {scheme} partition splits by label, but column {label_column!r} is missing"
+            )
+        columns[label_column] = df[label_column].to_numpy()
+    ds = Dataset.from_dict(columns)
+    if scheme == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+        ds = ds.shuffle(seed=seed)
+    elif scheme == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by=label_column,
+            alpha=alpha,
+            min_partition_size=1,
+            seed=seed,
+        )
+    else:
+        partitioner = PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by=label_column,
+            num_classes_per_partition=classes_per_partition,
+            seed=seed,
+        )
+    partitioner.dataset = ds
+    try:
+        return [
+            np.asarray(partitioner.load_partition(i)[_ROW], dtype=np.int64)
+            for i in range(num_partitions)
+        ]
+    except ValueError as exc:
+        raise FedmamlError(
+            f"the {scheme} partition of {len(df)} rows into {num_partitions} clients failed "
+            f"({exc}); use fewer clients, a larger alpha or more classes per client"
+        ) from None
+
+
+def split_clients(
+    ids: Sequence[str], num_heldout: int, seed: int, num_train: int | None = None
+) -> tuple[list[str], list[str]]:
+    """(train ids, held-out ids): held-out = first ``num_heldout`` of a seeded permutation of
+    ``sorted(ids)``; train = the rest, at most ``num_train`` of them; both returned sorted."""
+    ordered = sorted(ids)
+    if num_heldout >= len(ordered):
+        raise FedmamlError(
+            f"{len(ordered)} usable clients cannot leave {num_heldout} held out and any for "
+            "training; lower num-heldout-clients"
+        )
+    perm = torch.randperm(len(ordered), generator=torch.Generator().manual_seed(seed)).tolist()
+    heldout = sorted(ordered[i] for i in perm[:num_heldout])
+    train = sorted(ordered[i] for i in perm[num_heldout:])
+    if num_train is not None and num_train < len(train):
+        log.info("using %d of %d training clients (num-train-clients)", num_train, len(train))
+        train = train[:num_train]
+    return train, heldout
+
+
+def holdout_split(
+    y: Tensor, fraction: float, generator: torch.Generator, *, stratify: bool
+) -> tuple[Tensor, Tensor]:
+    """Indices (train, test) of a seeded split; per class when ``stratify``."""
+    if not 0 <= fraction < 1:
+        raise FedmamlError(f"held-out fraction must be in [0, 1) (got {fraction})")
+    groups = _groups(y) if stratify else [torch.arange(len(y))]
+    train, test = [], []
+    for idx in groups:
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        n_test = min(round(fraction * len(idx)), len(idx) - 1)
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    empty = torch.empty(0, dtype=torch.long)
+    return (
+        torch.sort(torch.cat(train or [empty])).values,
+        torch.sort(torch.cat(test or [empty])).values,
+    )
+
+
+def _groups(y: Tensor) -> list[Tensor]:
+    return [(y == c).nonzero(as_tuple=True)[0] for c in torch.unique(y)]
+
+
+def episode_problem(client_id: str, y: Tensor, y_test: Tensor | None, spec: EpisodeSpec) -> str:
+    """Why a client with these labels cannot give ``spec``'s training and held-out episodes
+    ("" when it can). It asks :func:`sample_episode` itself, on label-only pools."""
+    client = ClientData(
+        client_id,
+        torch.empty(len(y), 0),
+        y,
+        None if y_test is None else torch.empty(len(y_test), 0),
+        y_test,
+    )
+    generator = torch.Generator().manual_seed(0)
+    try:
+        sample_episode(client, spec, generator)
+        if y_test is not None:
+            sample_episode(client, spec, generator, held_out=True)
+    except FedmamlError as exc:
+        return str(exc)
+    return ""
+
+
+def keep_usable(
+    ids: Sequence[str],
+    labels: Callable[[str], tuple[Tensor, Tensor | None]],
+    spec: EpisodeSpec | None,
+    what: str,
+) -> list[str]:
+    """The ids whose pools (``labels(id)`` = train labels, held-out labels) fit ``spec``.
+
+    Skipped clients are counted in the log (with the first reason); none left is an error.
+    """
+    if spec is None:
+        return list(ids)
+    kept, reasons = [], []
+    for cid in ids:
+        y, y_test = labels(cid)
+        problem = episode_problem(cid, y, y_test, spec)
+        if problem:
+            reasons.append(problem)
+        else:
+            kept.append(cid)
+    if reasons:
+        log.warning(
+            "skipped %d of %d %s that cannot give the requested episodes (e.g. %s)",
+            len(reasons),
+            len(ids),
+            what,
+            reasons[0],
+        )
+    if not kept:
+        raise FedmamlError(
+            f"none of the {len(ids)} {what} has enough examples for episodes with "
+            f"support={spec.support}, query={spec.query}, ways={spec.ways or 'natural'} "
+            f"({reasons[0] if reasons else 'no data'}); lower the shots or the ways"
+        )
+    return kept
