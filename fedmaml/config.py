@@ -39,6 +39,9 @@ class RunConfig:
 
     task: str = "sine"
     data_path: str = ""
+    label_column: str = "label"
+    user_column: str = "user"
+    feature_columns: str = ""
     model: str = ""
     algorithm: str = "maml"
     inner_steps: int = 1
@@ -127,6 +130,12 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def feature_column_list(self) -> list[str] | None:
+        """``feature-columns`` as a list (comma-separated names); None = all other numeric."""
+        names = [c.strip() for c in self.feature_columns.split(",") if c.strip()]
+        return names or None
 
     @property
     def model_name(self) -> str:

@@ -154,3 +154,26 @@ def test_table_source_regression_and_partitions(caplog):
         TableSource(df, spec=EpisodeSpec(support=100, query=100))
     with pytest.raises(FedmamlError, match="user column 'user' is missing"):
         TableSource(df.drop(columns="user"))
+
+
+def test_open_source_table(tmp_path):
+    from fedmaml.config import RunConfig
+    from fedmaml.tasks.registry import open_source
+
+    path = tmp_path / "users.parquet"
+    _users_frame().rename(columns={"user": "who", "label": "y"}).to_parquet(path)
+    cfg = RunConfig.from_mapping(
+        {
+            "task": "table",
+            "data-path": str(path),
+            "label-column": "y",
+            "user-column": "who",
+            "feature-columns": "f2, f1",
+            "num-heldout-clients": 2,
+        }
+    )
+    src = open_source(cfg)
+    assert src.feature_columns == ["f2", "f1"]
+    assert (src.num_clients("train"), src.num_clients("heldout")) == (8, 2)
+    with pytest.raises(FedmamlError, match="no such file"):
+        open_source(cfg.replace(data_path=str(tmp_path / "nope.csv")))

@@ -12,6 +12,7 @@ from fedmaml.errors import FedmamlError
 from fedmaml.tasks.episodes import EpisodeSpec
 from fedmaml.tasks.sine import SineFamily
 from fedmaml.tasks.source import TaskSource
+from fedmaml.tasks.tables import TableSource
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "mse": F.mse_loss,
@@ -24,6 +25,17 @@ def open_source(cfg: RunConfig) -> TaskSource:
     if cfg.task == "sine":
         return SineFamily(
             seed=cfg.seed, num_train=cfg.num_train_clients, num_heldout=cfg.num_heldout_clients
+        )
+    if cfg.task == "table":
+        return TableSource(
+            cfg.data_path,
+            label_column=cfg.label_column,
+            user_column=cfg.user_column,
+            feature_columns=cfg.feature_column_list,
+            seed=cfg.seed,
+            num_heldout_clients=cfg.num_heldout_clients,
+            num_train_clients=cfg.num_train_clients,
+            spec=episode_spec(cfg),
         )
     raise FedmamlError(f"task {cfg.task!r} has no data source yet; use task = 'sine'")
 

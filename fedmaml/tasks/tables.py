@@ -251,7 +251,7 @@ class TableSource:
             label_column, alpha, classes_per_partition, seed,
         )  # fmt: skip
         self._pools = {
-            cid: self._pools_of(torch.from_numpy(idx), seed * 1_000_003 + k)
+            cid: self._pools_of(torch.from_numpy(idx), (seed * 1_000_003 + k) % 2**64)
             for k, (cid, idx) in enumerate(rows.items())
         }
         usable = keep_usable(
