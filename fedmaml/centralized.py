@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from fedmaml.meta import meta_gradient
 from fedmaml.meta.outer import MetaOptimizer
 from fedmaml.meta.params import Params
-from fedmaml.tasks.episodes import EpisodeSpec, episode_generator, sample_episode
+from fedmaml.tasks.episodes import EpisodeSpec, training_episodes
 from fedmaml.tasks.source import TaskSource
 
 
@@ -54,7 +54,9 @@ def meta_train(
     for step in range(1, meta_steps + 1):
         chosen = clients or torch.randperm(n_train, generator=picker)[:meta_batch].tolist()
         tasks = [
-            sample_episode(source.client(i), spec, episode_generator(seed, step, i)) for i in chosen
+            task
+            for i in chosen
+            for task in training_episodes(source.client(i), spec, seed=seed, step=step, index=i)
         ]
         grads, metrics = meta_gradient(
             model,

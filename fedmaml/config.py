@@ -69,6 +69,7 @@ class RunConfig:
     resume: str = ""
     device: str = "auto"
     batching: str = "auto"
+    round_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -101,6 +102,8 @@ class RunConfig:
                 raise _bad(name, getattr(self, name), "a finite number > 0")
         if not 0 < self.fraction_train <= 1:
             raise _bad("fraction_train", self.fraction_train, "a number in (0, 1]")
+        if not (math.isfinite(self.round_timeout) and self.round_timeout > 0):
+            raise _bad("round_timeout", self.round_timeout, "seconds > 0")
         for name in ("dp_clip", "dp_noise"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise _bad(name, getattr(self, name), "a finite number >= 0")

@@ -181,8 +181,18 @@ def episode_generator(seed: int, step: int, client_index: int, stream: int = 0) 
     """The generator for client ``client_index``'s episodes at meta-step (round) ``step``.
 
     Federated clients and the centralized trainer both draw episodes through this function, so
-    the same (seed, step, client) yields the same episode wherever it is computed.
+    the same (seed, step, client) yields the same episode wherever it is computed. The mixed
+    seed is taken modulo 2**64, the range ``manual_seed`` accepts, so any seed works.
     """
     return torch.Generator().manual_seed(
-        ((seed * 1_000_003 + step) * 1_000_033 + client_index) * 4 + stream
+        (((seed * 1_000_003 + step) * 1_000_033 + client_index) * 4 + stream) % 2**64
     )
+
+
+def training_episodes(
+    client: ClientData, spec: EpisodeSpec, *, seed: int, step: int, index: int, count: int = 1
+) -> list[Task]:
+    """The ``count`` episodes client ``index`` trains on at meta-step ``step``: one definition
+    shared by federated clients and the centralized trainer, so both see the same tasks."""
+    g = episode_generator(seed, step, index)
+    return [sample_episode(client, spec, g) for _ in range(count)]

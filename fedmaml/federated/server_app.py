@@ -1,0 +1,177 @@
+"""fedmaml's Flower ServerApp: one federated meta-learning run.
+
+Validates the run config before round 1, builds (or resumes) θ and the meta-optimizer,
+composes the Flower aggregation strategy (``aggregator``; Flower's central DP wrapper when
+``dp-clip``/``dp-noise`` are set) inside :class:`MetaStrategy`, evaluates centrally on held-out
+tasks where the server can open the data, and writes the run directory: ``checkpoint.pt``
+after every meta-update (atomic), ``rounds.csv``, ``clients.csv``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+from logging import ERROR, INFO
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
+)
+
+from fedmaml.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedmaml.config import RunConfig
+from fedmaml.errors import FedmamlError
+from fedmaml.federated.records import from_record, run_config, to_record
+from fedmaml.federated.strategy import MetaStrategy
+from fedmaml.meta.outer import MetaOptimizer
+from fedmaml.meta.params import Params
+from fedmaml.results import CHECKPOINT, RunRecorder
+from fedmaml.workload import Workload
+
+app = ServerApp()
+
+AGGREGATORS: dict[str, type[FedAvg]] = {
+    "mean": FedAvg,
+    "median": FedMedian,
+    "trimmed-mean": FedTrimmedAvg,
+    "krum": Krum,
+}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        cfg = run_config(context)
+        run(grid, cfg)
+    except FedmamlError as exc:
+        log(ERROR, "fedmaml: %s", exc)
+        raise
+
+
+def sampled_per_round(cfg: RunConfig) -> int:
+    return max(int(cfg.num_train_clients * cfg.fraction_train), cfg.min_train_nodes)
+
+
+def build_aggregator(cfg: RunConfig) -> Strategy:
+    """The Flower strategy that aggregates client updates, as configured."""
+    aggregator = AGGREGATORS[cfg.aggregator](
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=cfg.min_train_nodes,
+        min_available_nodes=cfg.min_train_nodes,
+        weighted_by_key="task-weight" if cfg.aggregation == "uniform" else "num-examples",
+    )
+    if cfg.dp_clip > 0:
+        return DifferentialPrivacyServerSideFixedClipping(
+            aggregator,
+            noise_multiplier=cfg.dp_noise,
+            clipping_norm=cfg.dp_clip,
+            num_sampled_clients=sampled_per_round(cfg),
+        )
+    return aggregator
+
+
+def _start(cfg: RunConfig, work: Workload) -> tuple[Params, MetaOptimizer, int]:
+    """θ, the meta-optimizer and the round to continue from (0 for a fresh run)."""
+    params = work.initial_params()
+    if not cfg.resume:
+        return params, MetaOptimizer(params, cfg.meta_optimizer, cfg.meta_lr), 0
+    ckpt = load_checkpoint(cfg.resume)
+    if ckpt.model != cfg.model_name or ckpt.model_kwargs != work.model_kwargs:
+        raise FedmamlError(
+            f"checkpoint {cfg.resume} holds model {ckpt.model} {ckpt.model_kwargs}, this run "
+            f"uses {cfg.model_name} {work.model_kwargs}; resume with the same task and model"
+        )
+    if set(ckpt.params) != set(params):
+        raise FedmamlError(
+            f"checkpoint {cfg.resume} has other parameters than this run (e.g. trained with "
+            "another algorithm's learned step sizes); resume with the same algorithm"
+        )
+    optimizer = MetaOptimizer(ckpt.params, cfg.meta_optimizer, cfg.meta_lr)
+    if ckpt.optimizer_state is not None:
+        optimizer.load_state_dict(ckpt.optimizer_state)
+    log(INFO, "fedmaml: resuming from %s at round %d", cfg.resume, ckpt.round)
+    return optimizer.current(), optimizer, ckpt.round
+
+
+def run(grid: Grid, cfg: RunConfig) -> None:
+    work = Workload.from_config(cfg)
+    out_dir = Path(cfg.out_dir)
+    recorder = RunRecorder(out_dir, cfg.to_mapping())
+    params, optimizer, offset = _start(cfg, work)
+    recorder.truncate_after(offset)
+    remaining = cfg.num_rounds - offset
+    if remaining <= 0:
+        log(INFO, "fedmaml: checkpoint is at round %d of %d; nothing to do", offset, cfg.num_rounds)
+        return
+
+    def save(meta_round: int, new_params: Params, opt: MetaOptimizer) -> None:
+        save_checkpoint(
+            out_dir / CHECKPOINT,
+            Checkpoint(
+                params=new_params,
+                model=cfg.model_name,
+                model_kwargs=work.model_kwargs,
+                config=cfg.to_mapping(),
+                round=meta_round,
+                optimizer_state=opt.state_dict(),
+            ),
+        )
+
+    if offset == 0:
+        save(0, params, optimizer)
+    strategy = MetaStrategy(
+        build_aggregator(cfg),
+        optimizer,
+        cfg,
+        recorder,
+        round_offset=offset,
+        num_rounds=remaining,
+        on_update=save,
+        timeout=cfg.round_timeout,
+    )
+
+    def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Held-out tasks evaluated on the server (0..eval-steps adaptation steps)."""
+        if server_round and not strategy.is_eval_round(server_round):
+            return None
+        n = min(cfg.eval_clients, work.source.num_clients("heldout"))
+        if n == 0:
+            return None
+        theta = from_record(arrays)
+        curves = [
+            work.evaluation_curve(theta, work.source.client(i, "heldout"), i)[0] for i in range(n)
+        ]
+        summary = {
+            f"central-{name}-{k}": sum(c[k][name] for c in curves) / n
+            for k in range(len(curves[0]))
+            for name in curves[0][k]
+        }
+        recorder.round_values(offset + server_round, **summary)
+        recorder.flush()
+        return MetricRecord(summary)
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=to_record(params),
+        num_rounds=remaining,
+        timeout=cfg.round_timeout,
+        train_config=ConfigRecord({}),
+        evaluate_config=ConfigRecord({}),
+        evaluate_fn=central_evaluation if _server_can_open_data(cfg) else None,
+    )
+    recorder.flush()
+    summary = recorder.write_summary(checkpoint=str(out_dir / CHECKPOINT))
+    log(INFO, "fedmaml: finished %s; final %s", out_dir, summary["final"])
+
+
+def _server_can_open_data(cfg: RunConfig) -> bool:
+    """Central evaluation needs the held-out tasks on the server: synthetic families always,
+    file-based ones when the data path exists on the server."""
+    return cfg.task == "sine" or Path(cfg.data_path).exists()

@@ -1,0 +1,152 @@
+"""A managed local Flower simulation: what ``fedmaml simulate`` and the tests run.
+
+It starts its own SuperLink in simulation mode (free ports, a private ``FLWR_HOME``, no
+runtime dependency installation, no update check or telemetry), submits the app with
+``flwr run`` and the run config as a TOML file, waits for the run to end, and stops the
+SuperLink and everything it started (Ray included) by pid — nothing is left running and the
+user's ``~/.flwr`` and pyproject.toml are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+from fedmaml.config import RunConfig
+from fedmaml.errors import FedmamlError
+from fedmaml.federated.processes import free_port, stop_tree, wait_healthy
+
+APP_DIR = Path(__file__).resolve().parents[2]
+QUIET_ENV = {
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+@dataclass(frozen=True)
+class SimulationOptions:
+    num_supernodes: int | None = None  # default: train + held-out clients
+    client_cpus: int = 1
+    client_gpus: float = 0.0
+    timeout: float = 3600.0
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else name
+
+
+def simulate(
+    cfg: RunConfig,
+    options: SimulationOptions = SimulationOptions(),
+    *,
+    log_path: Path | None = None,
+    on_poll: Callable[[], None] | None = None,
+) -> Path:
+    """Run ``cfg`` as a Flower simulation; return the run directory (``cfg.out_dir``)."""
+    if not (APP_DIR / "pyproject.toml").is_file():
+        raise FedmamlError(
+            f"no Flower app found at {APP_DIR}: run fedmaml simulate from a fedmaml source "
+            "checkout (pip install -e .)"
+        )
+    out_dir = Path(cfg.out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.replace(
+        out_dir=str(out_dir), resume=str(Path(cfg.resume).resolve()) if cfg.resume else ""
+    )
+    log_path = log_path or out_dir / "flower.log"
+    nodes = options.num_supernodes or cfg.num_train_clients + cfg.num_heldout_clients
+    with tempfile.TemporaryDirectory(prefix="fedmaml-flwr-") as home:
+        run_config = Path(home) / "run_config.toml"
+        run_config.write_bytes(tomli_w.dumps(cfg.to_mapping()).encode())
+        port = free_port()
+        env = {
+            **os.environ,
+            **QUIET_ENV,
+            "FLWR_HOME": home,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        (Path(home) / "config.toml").write_text(
+            '[superlink]\ndefault = "fedmaml"\n\n[superlink.fedmaml]\n'
+            f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+        )
+        with open(log_path, "w") as log:
+            superlink = subprocess.Popen(
+                [
+                    _bin("flower-superlink"),
+                    "--insecure",
+                    "--simulation",
+                    "--isolation",
+                    "subprocess",
+                    "--disable-runtime-dependency-installation",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--health-server-address",
+                    f"127.0.0.1:{free_port()}",
+                ],
+                env=env,
+                cwd=home,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                wait_healthy(f"http://127.0.0.1:{port}/health", superlink, 60, log_path)
+                federation = (
+                    f"num-supernodes={nodes} client-resources-num-cpus={options.client_cpus} "
+                    f"client-resources-num-gpus={options.client_gpus}"
+                )
+                runner = subprocess.Popen(
+                    [
+                        _bin("flwr"),
+                        "run",
+                        str(APP_DIR),
+                        "fedmaml",
+                        "--stream",
+                        "--run-config",
+                        str(run_config),
+                        "--federation-config",
+                        federation,
+                    ],
+                    env=env,
+                    cwd=home,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                _wait(runner, options.timeout, on_poll)
+            finally:
+                stop_tree(superlink)
+    if runner.returncode != 0:
+        raise FedmamlError(f"the Flower run failed (exit {runner.returncode}); see {log_path}")
+    return out_dir
+
+
+def _wait(process: subprocess.Popen, timeout: float, on_poll: Callable[[], None] | None) -> None:
+    done = threading.Event()
+    timer = threading.Timer(timeout, done.set)
+    timer.start()
+    try:
+        while process.poll() is None:
+            if done.is_set():
+                stop_tree(process)
+                raise FedmamlError(f"the simulation did not finish within {timeout:.0f} s")
+            if on_poll:
+                on_poll()
+            try:
+                process.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                continue
+    finally:
+        timer.cancel()

@@ -1,0 +1,117 @@
+"""A run's workload: data source, model, loss and episode shape, built once from a RunConfig.
+
+Every caller that turns a configuration into computation goes through here: the Flower client
+(meta-gradient of its own episodes, evaluation curves), the Flower server (initial θ, central
+evaluation) and the centralized reference trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor, nn
+
+from fedmaml.config import RunConfig
+from fedmaml.device import resolve_device
+from fedmaml.meta import meta_gradient, model_params, with_inner_lrs
+from fedmaml.meta.evaluate import adaptation_curve
+from fedmaml.meta.params import Params
+from fedmaml.models import build_model
+from fedmaml.tasks.episodes import (
+    ClientData,
+    EpisodeSpec,
+    episode_generator,
+    sample_episode,
+    training_episodes,
+)
+from fedmaml.tasks.registry import episode_spec, loss_function, open_source
+from fedmaml.tasks.source import TaskSource
+
+EVAL_STREAM = 1
+
+
+@dataclass
+class Workload:
+    cfg: RunConfig
+    source: TaskSource
+    model: nn.Module
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    spec: EpisodeSpec
+    device: torch.device
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Workload:
+        source = open_source(cfg)
+        device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model_name, **source.model_kwargs()).to(device)
+        return cls(cfg, source, model, loss_function(source), episode_spec(cfg), device)
+
+    @property
+    def model_kwargs(self) -> dict[str, int]:
+        return self.source.model_kwargs()
+
+    def initial_params(self) -> Params:
+        """θ from the seeded model initialisation (∪ α = inner-lr for Meta-SGD)."""
+        theta = model_params(self.model)
+        if self.cfg.algorithm == "metasgd":
+            return with_inner_lrs(theta, self.cfg.inner_lr)
+        return theta
+
+    def to_device(self, params: Params) -> Params:
+        return {k: v.to(self.device) for k, v in params.items()}
+
+    def client_meta_gradient(
+        self, params: Params, client: ClientData, index: int, meta_round: int
+    ) -> tuple[Params, dict[str, float]]:
+        """The client's meta-gradient, averaged over its local episodes, and its metrics."""
+        tasks = training_episodes(
+            client,
+            self.spec,
+            seed=self.cfg.seed,
+            step=meta_round,
+            index=index,
+            count=self.cfg.local_episodes,
+        )
+        return meta_gradient(
+            self.model,
+            self.to_device(params),
+            [t.support for t in tasks],
+            [t.query for t in tasks],
+            loss_fn=self.loss_fn,
+            algorithm=self.cfg.algorithm,
+            inner_steps=self.cfg.inner_steps,
+            inner_lr=self.cfg.inner_lr,
+            batching=self.cfg.batching,
+        )
+
+    def evaluation_curve(
+        self, params: Params, client: ClientData, index: int, meta_round: int = 0
+    ) -> tuple[list[dict[str, float]], int]:
+        """Held-out query metrics after 0..eval-steps adaptation steps on the client's support,
+        and the number of query examples.
+
+        The support set comes from the client's training pool, the query set from its held-out
+        pool; the episode is a fixed function of (seed, client) unless ``meta_round`` differs.
+        """
+        g = episode_generator(self.cfg.seed, meta_round, index, stream=EVAL_STREAM)
+        task = sample_episode(client, self.spec, g, held_out=True)
+        curve, _ = adaptation_curve(
+            self.model,
+            self.to_device(params),
+            task.support,
+            task.query,
+            loss_fn=self.loss_fn,
+            steps=self.cfg.eval_steps,
+            inner_lr=self.cfg.inner_lr,
+        )
+        return curve, task.num_query
+
+
+@lru_cache(maxsize=4)
+def workload_for(cfg: RunConfig) -> Workload:
+    """The workload of ``cfg``, built once per process (a simulation actor serves many rounds)."""
+    return Workload.from_config(cfg)
