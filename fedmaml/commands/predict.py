@@ -1,0 +1,36 @@
+"""``fedmaml predict``: predictions of a personalized model for the rows of a table.
+
+Reads the feature columns the model was personalized on and writes the table with a
+``prediction`` column added (the predicted value, or the class id for a classifier).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="predict with a personalized model (written by `fedmaml personalize --out`)",
+        description=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument("--model", required=True, type=Path, help="personalized model (.pt)")
+    p.add_argument("--data", required=True, type=Path, help="table of inputs (.csv/.parquet)")
+    p.add_argument("--out", required=True, type=Path, help="predictions table (.csv, or .parquet)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedmaml.personalize import atomic_output, load_personalized
+
+    model = load_personalized(args.model)
+    df = model.predict_table(args.data)
+    with atomic_output(args.out) as tmp:
+        if args.out.suffix.lower() in (".parquet", ".pq"):
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
+    print(f"wrote {len(df)} predictions to {args.out}")
+    return 0
