@@ -10,6 +10,7 @@ from torch import Tensor
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.tasks.episodes import EpisodeSpec
+from fedmaml.tasks.omniglot import OmniglotSource
 from fedmaml.tasks.sine import SineFamily
 from fedmaml.tasks.source import TaskSource
 from fedmaml.tasks.tables import TableSource
@@ -25,6 +26,14 @@ def open_source(cfg: RunConfig) -> TaskSource:
     if cfg.task == "sine":
         return SineFamily(
             seed=cfg.seed, num_train=cfg.num_train_clients, num_heldout=cfg.num_heldout_clients
+        )
+    if cfg.task == "omniglot":
+        return OmniglotSource(
+            cfg.data_path,
+            seed=cfg.seed,
+            num_train_clients=cfg.num_train_clients,
+            num_heldout_clients=cfg.num_heldout_clients,
+            spec=episode_spec(cfg),
         )
     if cfg.task == "table":
         return TableSource(
