@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fedmaml.meta import validate
+from fedmaml.meta.gradient import _clear_errors
 from fedmaml.meta.inner import autograd_grad_fn, inner_loop, task_loss
 from fedmaml.meta.params import InnerLR, Params, split_inner_lrs
 
@@ -50,15 +51,18 @@ def adaptation_curve(
     grad_fn = autograd_grad_fn(model, buffers, loss_fn, create_graph=False)
     fast = {k: v.detach() for k, v in theta.items()}
     curve = []
-    for k in range(steps + 1):
-        if k:
-            fast = inner_loop(fast, support, grad_fn, inner_steps=1, inner_lr=lr, first_order=True)
-            fast = {name: v.detach() for name, v in fast.items()}
-        with torch.no_grad():
-            loss, out = task_loss(model, fast, buffers, qx, qy, loss_fn)
-        entry = {"loss": float(loss)}
-        if not torch.is_floating_point(qy):
-            entry["accuracy"] = float((out.argmax(-1) == qy).float().mean())
-        curve.append(entry)
+    with _clear_errors("support/query", support):
+        for k in range(steps + 1):
+            if k:
+                fast = inner_loop(
+                    fast, support, grad_fn, inner_steps=1, inner_lr=lr, first_order=True
+                )
+                fast = {name: v.detach() for name, v in fast.items()}
+            with torch.no_grad():
+                loss, out = task_loss(model, fast, buffers, qx, qy, loss_fn)
+            entry = {"loss": float(loss)}
+            if not torch.is_floating_point(qy):
+                entry["accuracy"] = float((out.argmax(-1) == qy).float().mean())
+            curve.append(entry)
     validate.check_finite("the adapted parameters", fast)
     return curve, fast

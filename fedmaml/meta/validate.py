@@ -72,6 +72,11 @@ def as_episodes(name: str, data: Pair | Sequence[Pair]) -> list[Pair]:
             raise FedmamlError(
                 f"{name} must hold tensors (got {type(x).__name__}, {type(y).__name__})"
             )
+        if x.dim() == 0 or y.dim() == 0:
+            raise FedmamlError(
+                f"{name} inputs and labels need a leading example dimension (got shapes "
+                f"{tuple(x.shape)} and {tuple(y.shape)}); stack the examples into a batch"
+            )
         if x.shape[0] == 0:
             raise FedmamlError(f"{name} set is empty; every episode needs at least one example")
         if x.shape[0] != y.shape[0]:
