@@ -8,7 +8,7 @@ client's examples into a training pool and a held-out pool.
   ``classes_per_partition`` classes).
 * :func:`split_clients`: the held-out (unseen) clients are the first ``num_heldout`` ids of a
   seeded permutation of the sorted ids; the others are the training clients.
-* :func:`holdout_split`: per group (per class when stratified), n_test = round(f * n), kept in
+* :func:`holdout_split`: per group (per class when stratified), n_test = floor(f * n + 1/2), kept in
   [0, n - 1] so every group keeps a training example.
 * :func:`keep_usable`: drops clients whose pools cannot give the requested episodes, with a
   logged count, and stops when none is left.
@@ -130,7 +130,7 @@ def holdout_split(
     train, test = [], []
     for idx in groups:
         idx = idx[torch.randperm(len(idx), generator=generator)]
-        n_test = min(round(fraction * len(idx)), len(idx) - 1)
+        n_test = min(int(fraction * len(idx) + 0.5), len(idx) - 1)
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     empty = torch.empty(0, dtype=torch.long)

@@ -10,6 +10,7 @@ from torch import Tensor
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.tasks.episodes import EpisodeSpec
+from fedmaml.tasks.femnist import FemnistSource
 from fedmaml.tasks.omniglot import OmniglotSource
 from fedmaml.tasks.sine import SineFamily
 from fedmaml.tasks.source import TaskSource
@@ -29,6 +30,14 @@ def open_source(cfg: RunConfig) -> TaskSource:
         )
     if cfg.task == "omniglot":
         return OmniglotSource(
+            cfg.data_path,
+            seed=cfg.seed,
+            num_train_clients=cfg.num_train_clients,
+            num_heldout_clients=cfg.num_heldout_clients,
+            spec=episode_spec(cfg),
+        )
+    if cfg.task == "femnist":
+        return FemnistSource.from_path(
             cfg.data_path,
             seed=cfg.seed,
             num_train_clients=cfg.num_train_clients,
