@@ -11,7 +11,13 @@ import torch
 
 from fedmaml.errors import FedmamlError
 from fedmaml.tasks.episodes import EpisodeSpec, sample_episode
-from fedmaml.tasks.tables import TableSource, read_table, split_by_user, table_to_tensors
+from fedmaml.tasks.tables import (
+    RowPartition,
+    TableSource,
+    read_table,
+    split_by_user,
+    table_to_tensors,
+)
 
 
 def _users_frame(n: int = 400, users: int = 10, seed: int = 0) -> pd.DataFrame:
@@ -177,3 +183,18 @@ def test_open_source_table(tmp_path):
     assert (src.num_clients("train"), src.num_clients("heldout")) == (8, 2)
     with pytest.raises(FedmamlError, match="no such file"):
         open_source(cfg.replace(data_path=str(tmp_path / "nope.csv")))
+
+
+def test_table_source_label_skewed_partition():
+    df = _users_frame(600).drop(columns="user")
+    src = TableSource(
+        df,
+        user_column="",
+        num_heldout_clients=2,
+        partition=RowPartition(scheme="pathological", num_partitions=6, classes_per_partition=1),
+    )
+    assert (src.num_clients("train"), src.num_clients("heldout")) == (4, 2)
+    for split in ("train", "heldout"):
+        for i in range(src.num_clients(split)):
+            c = src.client(i, split)
+            assert len(torch.unique(torch.cat([c.y, c.y_test]))) == 1

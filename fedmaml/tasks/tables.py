@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -192,16 +193,27 @@ def _class_labels(labels: np.ndarray, num_classes: int | None, column: str, sour
     return torch.from_numpy(labels.astype(np.int64))
 
 
+@dataclass(frozen=True)
+class RowPartition:
+    """How rows become clients when a table has no user column (see :func:`partition_rows`);
+    ``num_partitions=None`` means num_train_clients + num_heldout_clients clients."""
+
+    scheme: str = "iid"
+    num_partitions: int | None = None
+    alpha: float = 0.5
+    classes_per_partition: int = 2
+
+
 class TableSource:
     """Any table by user, as a TaskSource.
 
     Clients: one per user of ``user_column`` (ids sorted as text); with ``user_column=""`` the
-    rows are partitioned into ``num_partitions`` clients (``partition`` = iid, dirichlet or
-    pathological, see :func:`partition_rows`). Clients that cannot give ``spec``'s episodes are
-    skipped (logged). ``num_heldout_clients`` of the rest are held out as unseen clients
-    (:func:`split_clients`), and every client's rows are split into a training pool and a
-    held-out pool of share ``heldout_fraction`` (stratified by class for classification).
-    The whole table is validated and converted once, so ``client(i)`` only indexes.
+    rows are partitioned into clients as ``partition`` says (iid, dirichlet or pathological).
+    Clients that cannot give ``spec``'s episodes are skipped (logged). ``num_heldout_clients``
+    of the rest are held out as unseen clients (:func:`split_clients`), and every client's rows
+    are split into a training pool and a held-out pool of share ``heldout_fraction`` (stratified
+    by class for classification). The whole table is validated and converted once, so
+    ``client(i)`` only indexes.
     """
 
     def __init__(
@@ -218,23 +230,21 @@ class TableSource:
         spec: EpisodeSpec | None = None,
         classification: bool | None = None,
         num_classes: int | None = None,
-        partition: str = "iid",
-        num_partitions: int | None = None,
-        alpha: float = 0.5,
-        classes_per_partition: int = 2,
+        partition: RowPartition | None = None,
     ) -> None:
         import pandas as pd
 
         df = path if isinstance(path, pd.DataFrame) else read_table(path)
+        df = df.reset_index(drop=True)
         self.name = "table" if isinstance(path, pd.DataFrame) else str(path)
-        self.spec = spec
+        self.spec, self.heldout_fraction = spec, heldout_fraction
         exclude = [user_column] if user_column else []
         self.feature_columns = resolve_features(
             df, label_column, feature_columns, exclude, self.name
         )
         if classification is None:
             classification = _integer_labels(df, label_column)
-        x, y = table_to_tensors(
+        self._x, self._y = table_to_tensors(
             df,
             label_column=label_column,
             feature_columns=self.feature_columns,
@@ -243,55 +253,36 @@ class TableSource:
             source=self.name,
         )
         self.loss = "cross_entropy" if classification else "mse"
-        self.num_classes = (num_classes or int(y.max()) + 1) if classification else None
-        self._x, self._y = x, y
-        self.heldout_fraction = heldout_fraction
-        rows = self._client_rows(
-            df, user_column, partition, num_partitions, num_train_clients, num_heldout_clients,
-            label_column, alpha, classes_per_partition, seed,
-        )  # fmt: skip
+        self.num_classes = (num_classes or int(self._y.max()) + 1) if classification else None
+        if user_column:
+            rows = {
+                u: np.array(p.index, dtype=np.int64)
+                for u, p in split_by_user(df, user_column).items()
+            }
+        else:
+            how = partition or RowPartition()
+            rows = self._partition(
+                df, label_column, how, num_train_clients, num_heldout_clients, seed
+            )
         self._pools = {
             cid: self._pools_of(torch.from_numpy(idx), (seed * 1_000_003 + k) % 2**64)
             for k, (cid, idx) in enumerate(rows.items())
         }
-        usable = keep_usable(
-            list(rows),
-            lambda cid: (
-                y[self._pools[cid][0]],
-                y[self._pools[cid][1]] if heldout_fraction else None,
-            ),
-            spec,
-            "clients",
-        )
-        self._ids = dict(
-            zip(
-                ("train", "heldout"),
-                split_clients(usable, num_heldout_clients, seed, num_train_clients),
-                strict=True,
-            )
-        )
+        usable = keep_usable(list(rows), self._pool_labels, spec, "clients")
+        train, held = split_clients(usable, num_heldout_clients, seed, num_train_clients)
+        self._ids = {"train": train, "heldout": held}
         self._clients: dict[tuple[str, int], ClientData] = {}
 
-    def _client_rows(
+    def _partition(
         self,
         df: pd.DataFrame,
-        user_column: str,
-        partition: str,
-        num_partitions: int | None,
+        label_column: str,
+        how: RowPartition,
         num_train: int | None,
         num_heldout: int,
-        label_column: str,
-        alpha: float,
-        classes_per_partition: int,
         seed: int,
     ) -> dict[str, np.ndarray]:
-        if user_column:
-            position = dict(zip(df.index, range(len(df)), strict=True))
-            return {
-                user: np.array([position[i] for i in part.index], dtype=np.int64)
-                for user, part in split_by_user(df, user_column).items()
-            }
-        n = num_partitions or (num_train or 0) + num_heldout
+        n = how.num_partitions or (num_train or 0) + num_heldout
         if n < 1:
             raise FedmamlError(
                 f"{self.name}: without a user column give the number of clients to split the "
@@ -300,14 +291,18 @@ class TableSource:
         parts = partition_rows(
             df,
             n,
-            scheme=partition,
+            scheme=how.scheme,
             label_column=label_column,
-            alpha=alpha,
-            classes_per_partition=classes_per_partition,
+            alpha=how.alpha,
+            classes_per_partition=how.classes_per_partition,
             seed=seed,
         )
         width = len(str(n - 1))
         return {f"part-{i:0{width}d}": idx for i, idx in enumerate(parts)}
+
+    def _pool_labels(self, cid: str) -> tuple[Tensor, Tensor | None]:
+        train, test = self._pools[cid]
+        return self._y[train], self._y[test] if self.heldout_fraction else None
 
     def _pools_of(self, rows: Tensor, seed: int) -> tuple[Tensor, Tensor]:
         train, test = holdout_split(
