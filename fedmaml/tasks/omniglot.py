@@ -256,7 +256,9 @@ def load_alphabet(
 ) -> Tensor:
     """Ink images [n, s, s] of ``alphabet`` in the order of ``alphabet.labels``.
 
-    Cached in memory per process, and under ``cache_dir`` (an .npy per alphabet) when given.
+    Cached in memory per process, and under ``cache_dir`` (a float16 .npy per alphabet) when
+    given, keyed by the source's path and modification time (for a PNG tree: the tree root's,
+    so clear the cache after editing files inside the tree), the alphabet and the size.
     """
     if cache_dir is None:
         return _load_in_memory(alphabet, image_size)

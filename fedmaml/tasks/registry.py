@@ -23,7 +23,9 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 
 def open_source(cfg: RunConfig) -> TaskSource:
-    """The clients of ``cfg.task`` (train and held-out), built lazily."""
+    """The clients of ``cfg.task`` (train and held-out) from ``cfg.data_path``: Omniglot
+    alphabets, FEMNIST writers or a table's users; clients too small for the episodes
+    ``episode_spec(cfg)`` asks for are skipped (logged)."""
     if cfg.task == "sine":
         return SineFamily(
             seed=cfg.seed, num_train=cfg.num_train_clients, num_heldout=cfg.num_heldout_clients
@@ -55,7 +57,9 @@ def open_source(cfg: RunConfig) -> TaskSource:
             num_train_clients=cfg.num_train_clients,
             spec=episode_spec(cfg),
         )
-    raise FedmamlError(f"task {cfg.task!r} has no data source yet; use task = 'sine'")
+    raise FedmamlError(
+        f"task {cfg.task!r} has no data source; use sine, omniglot, femnist or table"
+    )
 
 
 def loss_function(source: TaskSource) -> Callable[[Tensor, Tensor], Tensor]:
