@@ -83,11 +83,22 @@ def as_episodes(name: str, data: Pair | Sequence[Pair]) -> list[Pair]:
             raise FedmamlError(
                 f"{name} has {x.shape[0]} inputs but {y.shape[0]} labels; give one label per input"
             )
-        if torch.is_floating_point(x) and not torch.isfinite(x).all():
-            raise NonFiniteError(f"{name} inputs contain NaN or Inf; clean the data first")
-        if torch.is_floating_point(y) and not torch.isfinite(y).all():
-            raise NonFiniteError(f"{name} labels contain NaN or Inf; clean the data first")
+    for what, tensors in (
+        ("inputs", [x for x, _ in episodes]),
+        ("labels", [y for _, y in episodes]),
+    ):
+        if not _all_finite(tensors):
+            raise NonFiniteError(f"{name} {what} contain NaN or Inf; clean the data first")
     return episodes
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """One isfinite pass over all floating tensors (a per-episode check costs ~10 us each)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        if torch.is_floating_point(t):
+            groups.setdefault((t.device, t.dtype), []).append(t.reshape(-1))
+    return all(bool(torch.isfinite(torch.cat(g)).all()) for g in groups.values())
 
 
 def check_pairing(support: list[Pair], query: list[Pair]) -> None:
