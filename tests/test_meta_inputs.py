@@ -197,3 +197,21 @@ def test_inputs_are_not_modified_in_place(sine, algorithm, batching):
     assert all(p.grad is None for p in model.parameters())
     for t, t0 in zip((t for pair in supports + queries for t in pair), data_before, strict=True):
         assert torch.equal(t, t0)
+
+
+def test_running_statistics_of_the_model_are_not_touched():
+    """A model with BatchNorm running buffers runs on the loop engine and keeps its buffers."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(1, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+    )
+    params = model_params(model)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    supports, queries = [data(seed=1), data(seed=2)], [data(seed=3), data(seed=4)]
+    for algorithm in ALGORITHMS:
+        call(model, params, supports, queries, algorithm=algorithm, batching="auto")
+    adapt(model, params, supports[0], loss_fn=F.mse_loss, inner_steps=2)
+    adaptation_curve(model, params, supports[0], queries[0], loss_fn=F.mse_loss, steps=2)
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+    with pytest.raises(FedmamlError, match="buffers"):
+        call(model, params, supports, queries, batching="vmap")
