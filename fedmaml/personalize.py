@@ -79,7 +79,6 @@ class GlobalModel:
     kwargs: dict[str, int]
     config: dict[str, Any]
     round: int
-    where: str
 
     @cached_property
     def num_outputs(self) -> int | None:
@@ -107,9 +106,11 @@ class GlobalModel:
         return k, float(rate), float(rate)
 
 
-def resolve_global(source: Source) -> GlobalModel:
+def resolve_global(source: Source | GlobalModel) -> GlobalModel:
     """Open a checkpoint path, a :class:`Checkpoint` or a ``(model, params)`` pair, and check
     that the parameters fit the architecture."""
+    if isinstance(source, GlobalModel):
+        return source
     if isinstance(source, str | os.PathLike):
         where = f"checkpoint {source}"
         source = load_checkpoint(source)
@@ -162,7 +163,6 @@ def resolve_global(source: Source) -> GlobalModel:
         kwargs=kwargs,
         config=dict(config),
         round=int(rnd),
-        where=where,
     )
 
 
@@ -342,19 +342,27 @@ class UserResult:
         return "accuracy" if self.split.classification else "mse"
 
     def row(self) -> dict[str, Any]:
-        key = "accuracy" if self.split.classification else "loss"
-        before, after = self.curve[0][key], self.curve[-1][key]
-        row: dict[str, Any] = {
+        return {
             "user": self.split.user,
             "n_support": int(self.split.support[0].shape[0]),
             "n_eval": int(self.split.evaluation[0].shape[0]),
-            "metric_before": before,
-            "metric_after": after,
-            "gain": after - before if self.split.classification else before - after,
+            **summarize(self.curve, self.split.classification),
         }
-        if self.split.classification:
-            row["loss_before"], row["loss_after"] = self.curve[0]["loss"], self.curve[-1]["loss"]
-        return row
+
+
+def summarize(curve: Sequence[Mapping[str, float]], classification: bool) -> dict[str, float]:
+    """``metric_before`` (k = 0), ``metric_after`` (k = K) and ``gain`` of a curve, with the
+    losses for classification (where the metric is the accuracy)."""
+    key = "accuracy" if classification else "loss"
+    before, after = curve[0][key], curve[-1][key]
+    out = {
+        "metric_before": before,
+        "metric_after": after,
+        "gain": after - before if classification else before - after,
+    }
+    if classification:
+        out["loss_before"], out["loss_after"] = curve[0]["loss"], curve[-1]["loss"]
+    return out
 
 
 def _loss(classification: bool) -> Callable[[Tensor, Tensor], Tensor]:
@@ -415,12 +423,13 @@ def _adapt_batch(
     finite = torch.isfinite(losses).all(1)
     if not finite.all():
         raise NonFiniteError(_diverged(splits[int((~finite).nonzero()[0])].user))
+    losses_, accuracies_ = losses.tolist(), accuracies.tolist()
     results = []
-    for i, split in enumerate(splits):
-        entries = [{"loss": float(v)} for v in losses[i]]
+    for split, user_losses, user_accuracies in zip(splits, losses_, accuracies_, strict=True):
+        entries = [{"loss": v} for v in user_losses]
         if classification:
-            for entry, acc in zip(entries, accuracies[i], strict=True):
-                entry["accuracy"] = float(acc)
+            for entry, accuracy in zip(entries, user_accuracies, strict=True):
+                entry["accuracy"] = accuracy
         results.append(UserResult(split, entries))
     return results
 
@@ -462,31 +471,31 @@ class Personalized:
 
     @property
     def metric_before(self) -> float:
-        return self.curve[0]["accuracy" if self.classification else "loss"]
+        return summarize(self.curve, self.classification)["metric_before"]
 
     @property
     def metric_after(self) -> float:
-        return self.curve[-1]["accuracy" if self.classification else "loss"]
+        return summarize(self.curve, self.classification)["metric_after"]
 
     @property
     def gain(self) -> float:
         """Positive when personalization helped (MSE fell or accuracy rose)."""
-        diff = self.metric_after - self.metric_before
-        return diff if self.classification else -diff
+        return summarize(self.curve, self.classification)["gain"]
 
     def metrics(self) -> dict[str, float]:
-        """Numbers only (what may leave a device): sizes, metric before/after, gain, losses."""
-        out = {
+        """Numbers only (what may leave a device): sizes, steps, ``<metric>_before``,
+        ``<metric>_after``, ``gain`` and, for classification, the losses."""
+        summary = summarize(self.curve, self.classification)
+        named = {
+            k.replace("metric", self.metric) if k.startswith("metric") else k: v
+            for k, v in summary.items()
+        }
+        return {
             "n_support": float(self.n_support),
             "n_eval": float(self.n_eval),
             "steps": float(self.steps),
-            f"{self.metric}_before": self.metric_before,
-            f"{self.metric}_after": self.metric_after,
-            "gain": self.gain,
+            **named,
         }
-        if self.classification:
-            out["loss_before"], out["loss_after"] = self.curve[0]["loss"], self.curve[-1]["loss"]
-        return out
 
     def predict(self, x: Tensor) -> Tensor:
         """f_θ'(x): one value per example (regression) or the predicted class id."""
@@ -580,6 +589,17 @@ def load_personalized(path: str | os.PathLike) -> Personalized:
         validate.check_params(model, ckpt.params)
     except FedmamlError as exc:
         raise FedmamlError(f"personalized model {path}: {exc}") from None
+    try:
+        return _from_section(model, ckpt, section, config)
+    except (KeyError, TypeError, ValueError):
+        raise FedmamlError(
+            f"personalized model {path} has a damaged personalization record; personalize again"
+        ) from None
+
+
+def _from_section(
+    model: nn.Module, ckpt: Checkpoint, section: dict[str, Any], config: dict[str, Any]
+) -> Personalized:
     return Personalized(
         model=model,
         params=dict(ckpt.params),
@@ -608,7 +628,7 @@ def personalize(
     support_size: int | None = None,
     support_fraction: float | None = None,
     seed: int = 0,
-    user: str = "user",
+    user: str | None = None,
     label_column: str | None = None,
     feature_columns: Sequence[str] | None = None,
 ) -> Personalized:
@@ -617,16 +637,21 @@ def personalize(
     ``checkpoint_or_model``: a checkpoint path, a :class:`Checkpoint` or ``(model, params)``.
     ``user_data``: a :class:`ClientData`, an ``(x, y)`` pair, or a table (DataFrame, CSV or
     Parquet path; then ``label_column`` is required and ``feature_columns`` defaults to every
-    other numeric column). ``steps`` defaults to the checkpoint's ``eval-steps`` (else 5), ``lr``
+    other numeric column). ``user`` names the user (default: the client id, the file name, or
+    "user"). ``steps`` defaults to the checkpoint's ``eval-steps`` (else 5), ``lr``
     to its learned step sizes or its ``inner-lr`` (else 0.01).
     """
-    g = (
-        checkpoint_or_model
-        if isinstance(checkpoint_or_model, GlobalModel)
-        else resolve_global(checkpoint_or_model)
-    )
+    g = resolve_global(checkpoint_or_model)
     k, rate, scalar = g.defaults(steps, lr)
     columns: dict[str, Any] = {}
+    if user is None:
+        user = (
+            user_data.client_id
+            if isinstance(user_data, ClientData)
+            else Path(user_data).stem
+            if isinstance(user_data, str | os.PathLike)
+            else "user"
+        )
     if not isinstance(user_data, ClientData | tuple):
         tables = load_table_users(
             g, user_data, label_column=label_column, feature_columns=feature_columns
@@ -691,9 +716,8 @@ def personalize_client(
         config=dict(config or {}),
     )  # fmt: skip
     result = personalize(
-        ckpt, client_data, steps=steps, lr=lr, support_size=support_size, seed=seed,
-        user=client_data.client_id,
-    )  # fmt: skip
+        ckpt, client_data, steps=steps, lr=lr, support_size=support_size, seed=seed
+    )
     result.save(save_to)
     return result.metrics()
 
@@ -801,7 +825,7 @@ def _table_tensors(
 
 
 def personalize_many(
-    checkpoint_or_model: Source,
+    checkpoint_or_model: Source | GlobalModel,
     users: Mapping[str, UserData] | Sequence[ClientData] | pd.DataFrame | str | os.PathLike,
     *,
     user_column: str | None = None,

@@ -123,6 +123,7 @@ def test_saved_model_reproduces_predictions(checkpoints, tmp_path):
     result = personalize(checkpoints["maml"], SINE.client(5, "heldout"), support_size=K, seed=3)
     path = result.save(tmp_path / "user5.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["user5.pt"]  # no temp file left
+    assert result.user == "sine-heldout-5"
     again = load_personalized(path)
     x = torch.linspace(-5, 5, 41).unsqueeze(1)
     assert torch.equal(again.predict(x), result.predict(x))
@@ -131,6 +132,9 @@ def test_saved_model_reproduces_predictions(checkpoints, tmp_path):
         6, "heldout"), support_size=K).predict(x))  # fmt: skip
     with pytest.raises(FedmamlError, match="training checkpoint"):
         load_personalized(checkpoints["maml"])
+    damaged = Checkpoint(result.params, "sine_mlp", config={"personalization": {"user": "x"}})
+    with pytest.raises(FedmamlError, match="damaged personalization record"):
+        load_personalized(save_checkpoint(tmp_path / "damaged.pt", damaged))
     with pytest.raises(FedmamlError, match="already a personalized model"):
         personalize(path, SINE.client(5, "heldout"))
     with pytest.raises(FedmamlError, match="shape"):

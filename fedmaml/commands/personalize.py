@@ -1,9 +1,9 @@
-"""``fedmaml personalize``: adapt a trained global model to one user, or to every user of a table.
+"""fedmaml personalize: adapt a trained global model to one user, or to every user of a table.
 
 One user (a CSV/Parquet file): prints the metric before and after K steps on the user's
-held-out rows and, with ``--out``, writes the personalized model. Many users (``--user-column``,
-or ``--data`` a folder of one table per user): writes ``DIR/personalization.csv`` (one row per
-user) and ``DIR/gain.png`` (the distribution of the gain).
+held-out rows and, with --out, writes the personalized model. Many users (--user-column,
+or --data a folder of one table per user): writes DIR/personalization.csv (one row per
+user) and DIR/gain.png (the distribution of the gain).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         return _many(args, options)
     from fedmaml.personalize import personalize
 
-    result = personalize(args.checkpoint, args.data, user=args.data.stem, **options)
+    result = personalize(args.checkpoint, args.data, **options)
     lr = "learned step sizes" if result.lr is None else f"lr {result.lr:g}"
     print(
         f"{result.user}: {result.metric} {result.metric_before:.4g} before, "

@@ -1,7 +1,7 @@
-"""``fedmaml predict``: predictions of a personalized model for the rows of a table.
+"""fedmaml predict: predictions of a personalized model for the rows of a table.
 
 Reads the feature columns the model was personalized on and writes the table with a
-``prediction`` column added (the predicted value, or the class id for a classifier).
+prediction column added (the predicted value, or the class id for a classifier).
 """
 
 from __future__ import annotations
