@@ -108,7 +108,8 @@ class GlobalModel:
 
 def resolve_global(source: Source | GlobalModel) -> GlobalModel:
     """Open a checkpoint path, a :class:`Checkpoint` or a ``(model, params)`` pair, and check
-    that the parameters fit the architecture."""
+    that the parameters fit the architecture. Personalization runs on the CPU: a user's few
+    steps are cheap, and the result must load anywhere."""
     if isinstance(source, GlobalModel):
         return source
     if isinstance(source, str | os.PathLike):
@@ -157,8 +158,8 @@ def resolve_global(source: Source | GlobalModel) -> GlobalModel:
         )
     return GlobalModel(
         model=model,
-        theta={k: v.detach() for k, v in theta.items()},
-        alpha={k: v.detach() for k, v in alpha.items()},
+        theta={k: v.detach().cpu() for k, v in theta.items()},
+        alpha={k: v.detach().cpu() for k, v in alpha.items()},
         name=name,
         kwargs=kwargs,
         config=dict(config),
