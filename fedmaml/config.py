@@ -15,7 +15,7 @@ from typing import Any
 
 from fedmaml.errors import FedmamlError
 
-TASKS = ("sine", "omniglot", "femnist", "table")
+TASKS = ("sine", "omniglot", "femnist", "table", "local")
 ALGORITHMS = ("maml", "fomaml", "metasgd", "reptile", "fedavg")
 META_OPTIMIZERS = ("adam", "sgd")
 AGGREGATIONS = ("uniform", "weighted")
@@ -42,6 +42,8 @@ class RunConfig:
     label_column: str = "label"
     user_column: str = "user"
     feature_columns: str = ""
+    input_shape: str = ""
+    num_classes: int = 0
     model: str = ""
     algorithm: str = "maml"
     inner_steps: int = 1
@@ -92,7 +94,7 @@ class RunConfig:
         ):
             if getattr(self, name) < 1:
                 raise _bad(name, getattr(self, name), "an integer >= 1")
-        for name in ("num_heldout_clients", "ways", "seed"):
+        for name in ("num_heldout_clients", "ways", "seed", "num_classes"):
             if getattr(self, name) < 0:
                 raise _bad(name, getattr(self, name), "an integer >= 0")
         if self.ways == 1:
@@ -107,10 +109,32 @@ class RunConfig:
         for name in ("dp_clip", "dp_noise"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise _bad(name, getattr(self, name), "a finite number >= 0")
+        if self.dp_clip > 0 and self.aggregation != "uniform":
+            raise _bad(
+                "aggregation",
+                self.aggregation,
+                "uniform when dp-clip is set (Flower's central DP needs equal client weights)",
+            )
         if self.dp_noise > 0 and self.dp_clip <= 0:
             raise _bad("dp_clip", self.dp_clip, "a number > 0 when dp-noise > 0")
-        if self.task != "sine" and not self.data_path:
+        if self.task not in ("sine", "local") and not self.data_path:
             raise _bad("data_path", "", f"the path of the {self.task} data")
+        self._check_local()
+
+    def _check_local(self) -> None:
+        """Task ``local``: every node reads its own data, so the run config alone must fix the
+        model: ``input-shape`` (d, or C,H,W) and ``num-classes`` (0 = regression)."""
+        dims = _shape(self.input_shape)
+        if dims is None or (self.input_shape and len(dims) not in (1, 3)):
+            raise _bad("input_shape", self.input_shape, "d (features) or C,H,W (images), e.g. 8")
+        if self.num_classes == 1:
+            raise _bad("num_classes", 1, "0 (regression) or an integer >= 2 (classes)")
+        if self.ways and self.num_classes and self.ways > self.num_classes:
+            raise _bad("ways", self.ways, f"at most num-classes ({self.num_classes})")
+        if self.task == "local" and not dims:
+            raise _bad(
+                "input_shape", "", "the shape of one example for task 'local', e.g. 8 or 1,28,28"
+            )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -141,13 +165,19 @@ class RunConfig:
         return names or None
 
     @property
+    def input_dims(self) -> tuple[int, ...]:
+        """``input-shape`` as integers: () unset, (d,) features, (C, H, W) images."""
+        return _shape(self.input_shape) or ()
+
+    @property
     def model_name(self) -> str:
-        return (
-            self.model
-            or {"sine": "sine_mlp", "omniglot": "conv4", "femnist": "femnist_cnn", "table": "mlp"}[
-                self.task
-            ]
-        )
+        if self.model:
+            return self.model
+        if self.task == "local":
+            return "mlp" if len(self.input_dims) == 1 else "conv4"
+        return {"sine": "sine_mlp", "omniglot": "conv4", "femnist": "femnist_cnn", "table": "mlp"}[
+            self.task
+        ]
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:
@@ -165,6 +195,15 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
         return str(value)
     except (TypeError, ValueError):
         raise _bad(name, value, f"a value of type {kind.__name__}") from None
+
+
+def _shape(text: str) -> tuple[int, ...] | None:
+    """Parse ``input-shape``: "1,28,28" -> (1, 28, 28), "" -> (), None if not positive ints."""
+    try:
+        dims = tuple(int(part) for part in text.split(",")) if text.strip() else ()
+    except ValueError:
+        return None
+    return dims if all(d > 0 for d in dims) else None
 
 
 def _bad(name: str, value: Any, allowed: str) -> FedmamlError:
