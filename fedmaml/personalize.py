@@ -770,7 +770,7 @@ def load_table_users(
         df = data if isinstance(data, pd.DataFrame) else read_table(data)
         df = df.reset_index(drop=True)
         frames = {name: df}
-    exclude = [user_column] if user_column else []
+    exclude = [c for c in (user_column, g.config.get("user-column")) if c]
     first_name, first = next(iter(frames.items()))
     features = resolve_features(first, label_column, feature_columns, exclude, first_name)
     users: dict[str, Pair] = {}

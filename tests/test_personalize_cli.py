@@ -24,7 +24,7 @@ FEDMAML = Path(sys.executable).parent / "fedmaml"
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A sinusoid checkpoint, a 3-class table checkpoint, and users' tables."""
+    """A sinusoid checkpoint, a 3-class table checkpoint (user column "user"), and tables."""
     d = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
     sine_cfg = RunConfig(eval_steps=3).to_mapping()
@@ -56,7 +56,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     pd.DataFrame({"x": [-1.0, 0.5, 3.0]}).to_csv(d / "new.csv", index=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20, 2, generator=g)
-    pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "label": [0, 1, 2, 1] * 5}).to_csv(
+    pd.DataFrame({"user": 7, "a": x[:, 0], "b": x[:, 1], "label": [0, 1, 2, 1] * 5}).to_csv(
         d / "labelled.csv", index=False
     )
     paths.update({name: d / f"{name}.csv" for name in ("users", "one", "new", "labelled")})
