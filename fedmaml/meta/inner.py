@@ -3,10 +3,11 @@
     θ'_0 = θ,   θ'_{k+1} = θ'_k − α ⊙ ∇_θ' L_support(θ'_k),   k = 0..K−1
 
 α is one scalar, or one tensor per parameter (Meta-SGD). The gradient of the support loss is
-computed by a *gradient function* so that one loop serves both engines: plain autograd (one
-task at a time, differentiable by ``create_graph``) and ``torch.func.grad`` (composable with
-``vmap`` over a batch of tasks). With ``first_order=True`` the inner gradients are treated as
-constants (FOMAML, Reptile): dθ'/dθ = I.
+computed by a *gradient function* so that one loop serves every engine: plain autograd on one
+task, or on a batch of tasks whose parameters carry a leading task index (the forward pass under
+``torch.vmap``), both differentiable again by ``create_graph``; or ``torch.func.grad``
+(composable with ``vmap`` and an outer ``grad``). With ``first_order=True`` the inner gradients
+are treated as constants (FOMAML, Reptile): dθ'/dθ = I.
 """
 
 from __future__ import annotations
@@ -37,22 +38,42 @@ def task_loss(
 
 
 def autograd_grad_fn(
-    model: nn.Module, buffers: Mapping[str, Tensor], loss_fn: LossFn, *, create_graph: bool
+    model: nn.Module,
+    buffers: Mapping[str, Tensor],
+    loss_fn: LossFn,
+    *,
+    create_graph: bool,
+    batched: bool = False,
 ) -> GradFn:
-    """∇_p L(p; x, y) by ``torch.autograd.grad``; differentiable again when ``create_graph``."""
+    """∇_p L(p; x, y) by ``torch.autograd.grad``; differentiable again when ``create_graph``.
+
+    ``batched``: ``p``, ``x`` and ``y`` hold n tasks along their first dimension and the forward
+    pass runs under ``torch.vmap``. Task i's loss depends on p[i] only, so one backward pass of
+    Σ_i L_i(p[i]) gives every task's gradient: ∂(Σ_j L_j)/∂p[i] = ∇L_i(p[i]).
+    """
+
+    def loss(p: Params, x: Tensor, y: Tensor) -> Tensor:
+        return task_loss(model, p, buffers, x, y, loss_fn)[0]
+
+    batch_loss = torch.vmap(loss)
 
     def grad(p: Params, x: Tensor, y: Tensor) -> Params:
         leaves = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in p.items()}
-        loss, _ = task_loss(model, leaves, buffers, x, y, loss_fn)
-        grads = torch.autograd.grad(
-            loss, list(leaves.values()), create_graph=create_graph, allow_unused=True
-        )
-        return {
-            k: torch.zeros_like(v) if g is None else g
-            for (k, v), g in zip(leaves.items(), grads, strict=True)
-        }
+        total = batch_loss(leaves, x, y).sum() if batched else loss(leaves, x, y)
+        return gradients(total, leaves, create_graph=create_graph)
 
     return grad
+
+
+def gradients(loss: Tensor, wrt: Mapping[str, Tensor], *, create_graph: bool = False) -> Params:
+    """∂loss/∂t for every t in ``wrt`` by ``torch.autograd.grad``; zeros where loss ignores t."""
+    grads = torch.autograd.grad(
+        loss, list(wrt.values()), create_graph=create_graph, allow_unused=True
+    )
+    return {
+        k: torch.zeros_like(v) if g is None else g
+        for (k, v), g in zip(wrt.items(), grads, strict=True)
+    }
 
 
 def func_grad_fn(model: nn.Module, buffers: Mapping[str, Tensor], loss_fn: LossFn) -> GradFn:
