@@ -7,8 +7,6 @@ a crash mid-write leaves the previous checkpoint intact, never a truncated one.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fedmaml.atomic import atomic_write
 from fedmaml.errors import FedmamlError
 from fedmaml.models import build_model
 
@@ -42,7 +41,6 @@ class Checkpoint:
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` to ``path`` atomically; return the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -53,16 +51,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         "round": int(ckpt.round),
         "optimizer_state": ckpt.optimizer_state,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(payload, f), "wb", fsync=True)
     return path
 
 

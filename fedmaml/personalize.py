@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from fedmaml.atomic import atomic_path
 from fedmaml.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedmaml.errors import FedmamlError, NonFiniteError
 from fedmaml.meta import validate
@@ -971,29 +971,6 @@ def _progress(enabled: bool, total: int, what: str) -> Iterator[Callable[[int], 
 # --------------------------------------------------------------------------- outputs
 
 
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; moved onto ``path`` only on success, so a
-    failure never leaves a partial file."""
-    path = Path(path)
-    if path.is_dir():
-        raise FedmamlError(f"{path} is a folder; give the path of a file to write")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    except OSError as exc:
-        raise FedmamlError(
-            f"cannot write {path} ({exc.strerror}); choose a writable location"
-        ) from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot_gain(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """A histogram of the per-user gain (matplotlib's Agg canvas, no global backend change)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -1012,6 +989,6 @@ def plot_gain(df: pd.DataFrame, path: str | os.PathLike) -> Path:
         f"{(df['gain'] > 0).mean():.0%} improved"
     )
     fig.tight_layout()
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return Path(path)

@@ -16,8 +16,9 @@ from typing import Any
 
 import pandas as pd
 
+from fedmaml.atomic import atomic_write
 from fedmaml.errors import FedmamlError
-from fedmaml.results import CLIENTS, ROUNDS, SUMMARY, atomic_write
+from fedmaml.results import CLIENTS, ROUNDS, SUMMARY
 
 CURVES_PNG = "learning_curves.png"
 GAINS_PNG = "client_gains.png"

@@ -8,29 +8,16 @@ Files in the run directory (rewritten atomically after every round, so a crash k
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from fedmaml.atomic import atomic_write
 
 ROUNDS = "rounds.csv"
 CLIENTS = "clients.csv"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
-
-
-def atomic_write(path: Path, write: Any, mode: str = "w") -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RunRecorder:

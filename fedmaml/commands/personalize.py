@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _many(args: argparse.Namespace, options: dict) -> int:
-    from fedmaml.personalize import atomic_output, personalize_many, plot_gain
+    from fedmaml.atomic import atomic_path
+    from fedmaml.personalize import personalize_many, plot_gain
 
     df = personalize_many(
         args.checkpoint,
@@ -127,7 +128,7 @@ def _many(args: argparse.Namespace, options: dict) -> int:
         **options,
     )
     table, plot = args.out_dir / "personalization.csv", args.out_dir / "gain.png"
-    with atomic_output(table) as tmp_table, atomic_output(plot) as tmp_plot:
+    with atomic_path(table) as tmp_table, atomic_path(plot) as tmp_plot:
         df.to_csv(tmp_table, index=False)
         plot_gain(df, tmp_plot)
     metric, gain = df.attrs["metric"], df["gain"]

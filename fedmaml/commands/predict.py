@@ -23,11 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedmaml.personalize import atomic_output, load_personalized
+    from fedmaml.atomic import atomic_path
+    from fedmaml.personalize import load_personalized
 
     model = load_personalized(args.model)
     df = model.predict_table(args.data)
-    with atomic_output(args.out) as tmp:
+    with atomic_path(args.out) as tmp:
         if args.out.suffix.lower() in (".parquet", ".pq"):
             df.to_parquet(tmp, index=False)
         else:
