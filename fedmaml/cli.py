@@ -13,7 +13,7 @@ from fedmaml import __version__
 from fedmaml.errors import FedmamlError
 
 #: subcommand modules under fedmaml.commands, in the order ``--help`` lists them
-COMMANDS = ("simulate", "personalize", "predict", "report")
+COMMANDS = ("simulate", "personalize", "predict", "report", "client", "certs")
 
 
 def build_parser() -> argparse.ArgumentParser:

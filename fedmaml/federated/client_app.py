@@ -36,10 +36,10 @@ def describe(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Δ = −g for this client's episodes of the round, and its query metrics."""
-    from fedmaml.federated.node import load_client
+    from fedmaml.federated.node import load_client, node_run_config
     from fedmaml.workload import workload_for
 
-    cfg = run_config(context)
+    cfg = node_run_config(context.node_config, run_config(context))
     identity, client = load_client(context.node_config, cfg)
     work = workload_for(cfg)
     params = from_record(msg.content["arrays"])
@@ -60,10 +60,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Held-out query metrics after k = 0..eval-steps steps (``loss-k``, ``accuracy-k``)."""
-    from fedmaml.federated.node import load_client
+    from fedmaml.federated.node import load_client, node_run_config
     from fedmaml.workload import workload_for
 
-    cfg = run_config(context)
+    cfg = node_run_config(context.node_config, run_config(context))
     identity, client = load_client(context.node_config, cfg)
     work = workload_for(cfg)
     curve, num_query = work.evaluation_curve(

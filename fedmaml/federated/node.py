@@ -3,6 +3,13 @@
 In simulation a node's ``partition-id`` p names its client: p < num-train-clients is training
 client p, the next num-heldout-clients partitions are held-out (unseen) clients. A deployed
 SuperNode says the same with ``--node-config "role='train' client-index=3"``.
+
+In a run of task ``local`` a deployed node serves its own data (:mod:`fedmaml.tasks.local`),
+named in its node config: ``data-path`` (a file or folder on the device), and optionally
+``data-format`` (csv, parquet, npz, leaf, images; inferred from the path), ``label-column`` and
+``feature-columns`` (tables; default: the run config's), ``user`` (a LEAF file with several
+users) and ``heldout-fraction`` (0.2). ``device`` (auto, cpu, cuda, cuda:N) overrides the run
+config's device on that node (:func:`node_run_config`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from fedmaml.errors import FedmamlError
 from fedmaml.tasks.episodes import ClientData
 
 ROLES = ("train", "heldout")
+HELDOUT_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,13 @@ def identify(node_config: Mapping[str, Any], cfg: RunConfig) -> NodeIdentity:
     return NodeIdentity(role, int(node_config.get("client-index", 0)))
 
 
+def node_run_config(node_config: Mapping[str, Any], cfg: RunConfig) -> RunConfig:
+    """The run config as this node applies it: its node config's ``device`` wins."""
+    if "device" not in node_config:
+        return cfg
+    return cfg.replace(device=str(node_config["device"]))
+
+
 def load_client(node_config: Mapping[str, Any], cfg: RunConfig) -> tuple[NodeIdentity, ClientData]:
     """This node's identity and data (cached per process: a simulation actor keeps it)."""
     return _load(tuple(sorted(node_config.items())), cfg)
@@ -55,4 +70,48 @@ def _load(items: tuple[tuple[str, Any], ...], cfg: RunConfig) -> tuple[NodeIdent
 
     node_config = dict(items)
     identity = identify(node_config, cfg)
+    if cfg.task == "local" or "data-path" in node_config:
+        return identity, _own_data(node_config, cfg, identity)
     return identity, open_source(cfg).client(identity.index, identity.role)
+
+
+def _own_data(node_config: Mapping[str, Any], cfg: RunConfig, identity: NodeIdentity) -> ClientData:
+    """The device's own data file, checked against the run's input shape, classes, episodes."""
+    from fedmaml.tasks.local import load_local
+    from fedmaml.tasks.registry import episode_spec
+
+    path = str(node_config.get("data-path", ""))
+    if cfg.task != "local":
+        raise FedmamlError(
+            f"this node serves its own data ({path}) but the run's task is {cfg.task!r}; submit "
+            "the run with task = 'local' and the data's input-shape and num-classes"
+        )
+    if not path:
+        raise FedmamlError(
+            "task 'local' trains on each node's own data but this node names none; start it "
+            "with fedmaml client --data PATH (node config data-path='PATH')"
+        )
+    try:
+        heldout = float(node_config.get("heldout-fraction", HELDOUT_FRACTION))
+    except ValueError:
+        raise FedmamlError(
+            f"node config heldout-fraction={node_config['heldout-fraction']!r}; give a number "
+            "in [0, 1)"
+        ) from None
+    columns = cfg.replace(
+        label_column=str(node_config.get("label-column", cfg.label_column)),
+        feature_columns=str(node_config.get("feature-columns", cfg.feature_columns)),
+    )
+    return load_local(
+        path,
+        fmt=str(node_config["data-format"]) if "data-format" in node_config else None,
+        input_shape=cfg.input_dims,
+        num_classes=cfg.num_classes,
+        label_column=columns.label_column,
+        feature_columns=columns.feature_column_list,
+        user=str(node_config["user"]) if "user" in node_config else None,
+        heldout_fraction=heldout,
+        seed=cfg.seed * 1_000_003 + identity.index,
+        spec=episode_spec(cfg),
+        client_id=f"{identity.role}-{identity.index}",
+    )

@@ -1,4 +1,5 @@
-"""Processes fedmaml starts (SuperLink, SuperNodes): free ports, readiness, clean stops by pid."""
+"""Processes fedmaml starts (SuperLink, SuperNodes): their environment, free ports, readiness,
+clean stops by pid."""
 
 from __future__ import annotations
 
@@ -6,12 +7,42 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 from fedmaml.errors import FedmamlError
+
+#: no update check, telemetry or per-run dependency installation (nothing needs the network)
+QUIET_ENV = {
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def flower_bin(name: str) -> str:
+    """The Flower executable ``name`` beside this Python (its venv), else as found on PATH."""
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else name
+
+
+def flower_env(home: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """This environment, quiet (:data:`QUIET_ENV`), with this venv's executables first on PATH
+    (Flower starts ``flower-superexec`` and ``flwr-clientapp`` by name) and ``FLWR_HOME`` set
+    when ``home`` is given."""
+    env = {
+        **os.environ,
+        **QUIET_ENV,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    if home is not None:
+        env["FLWR_HOME"] = str(home)
+    return env
 
 
 def free_port() -> int:
@@ -21,8 +52,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_healthy(url: str, process: subprocess.Popen, timeout: float, log: Path | None) -> None:
-    """Poll ``url`` until it answers 200; fail early if ``process`` exits."""
+def wait_healthy(
+    url: str,
+    process: subprocess.Popen,
+    timeout: float,
+    log: Path | None,
+    ca_file: str | os.PathLike[str] | None = None,
+) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``process`` exits. An ``https`` URL is
+    verified against ``ca_file`` (the system's CAs when None)."""
+    context = ssl.create_default_context(cafile=ca_file) if url.startswith("https") else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -30,7 +69,10 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float, log: Path 
                 f"{process.args[0]} exited with code {process.returncode} before it was ready"
                 + (f"; see {log}" if log else "")
             )
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(url, timeout=1, context=context) as response,
+        ):
             if response.status == 200:
                 return
         time.sleep(0.2)

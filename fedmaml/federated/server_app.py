@@ -77,26 +77,36 @@ def build_aggregator(cfg: RunConfig) -> Strategy:
     return aggregator
 
 
+def resume_path(cfg: RunConfig) -> str:
+    """The checkpoint to continue from: ``resume``, where ``"auto"`` means the run directory's
+    checkpoint when it has one (so the same command starts a run or resumes it), else none."""
+    if cfg.resume != "auto":
+        return cfg.resume
+    path = Path(cfg.out_dir) / CHECKPOINT
+    return str(path) if path.is_file() else ""
+
+
 def _start(cfg: RunConfig, work: Workload) -> tuple[Params, MetaOptimizer, int]:
     """θ, the meta-optimizer and the round to continue from (0 for a fresh run)."""
     params = work.initial_params()
-    if not cfg.resume:
+    resume = resume_path(cfg)
+    if not resume:
         return params, MetaOptimizer(params, cfg.meta_optimizer, cfg.meta_lr), 0
-    ckpt = load_checkpoint(cfg.resume)
+    ckpt = load_checkpoint(resume)
     if ckpt.model != cfg.model_name or ckpt.model_kwargs != work.model_kwargs:
         raise FedmamlError(
-            f"checkpoint {cfg.resume} holds model {ckpt.model} {ckpt.model_kwargs}, this run "
+            f"checkpoint {resume} holds model {ckpt.model} {ckpt.model_kwargs}, this run "
             f"uses {cfg.model_name} {work.model_kwargs}; resume with the same task and model"
         )
     if set(ckpt.params) != set(params):
         raise FedmamlError(
-            f"checkpoint {cfg.resume} has other parameters than this run (e.g. trained with "
+            f"checkpoint {resume} has other parameters than this run (e.g. trained with "
             "another algorithm's learned step sizes); resume with the same algorithm"
         )
     optimizer = MetaOptimizer(ckpt.params, cfg.meta_optimizer, cfg.meta_lr)
     if ckpt.optimizer_state is not None:
         optimizer.load_state_dict(ckpt.optimizer_state)
-    log(INFO, "fedmaml: resuming from %s at round %d", cfg.resume, ckpt.round)
+    log(INFO, "fedmaml: resuming from %s at round %d", resume, ckpt.round)
     return optimizer.current(), optimizer, ckpt.round
 
 

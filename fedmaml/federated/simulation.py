@@ -9,9 +9,7 @@ user's ``~/.flwr`` and pyproject.toml are never touched.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -22,15 +20,15 @@ import tomli_w
 
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
-from fedmaml.federated.processes import free_port, stop_tree, wait_healthy
+from fedmaml.federated.processes import (
+    flower_bin,
+    flower_env,
+    free_port,
+    stop_tree,
+    wait_healthy,
+)
 
 APP_DIR = Path(__file__).resolve().parents[2]
-QUIET_ENV = {
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
 
 
 @dataclass(frozen=True)
@@ -39,11 +37,6 @@ class SimulationOptions:
     client_cpus: int = 1
     client_gpus: float = 0.0
     timeout: float = 3600.0
-
-
-def _bin(name: str) -> str:
-    local = Path(sys.executable).with_name(name)
-    return str(local) if local.exists() else name
 
 
 def simulate(
@@ -62,7 +55,8 @@ def simulate(
     out_dir = Path(cfg.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.replace(
-        out_dir=str(out_dir), resume=str(Path(cfg.resume).resolve()) if cfg.resume else ""
+        out_dir=str(out_dir),
+        resume=cfg.resume if cfg.resume in ("", "auto") else str(Path(cfg.resume).resolve()),
     )
     log_path = log_path or out_dir / "flower.log"
     nodes = options.num_supernodes or cfg.num_train_clients + cfg.num_heldout_clients
@@ -70,12 +64,7 @@ def simulate(
         run_config = Path(home) / "run_config.toml"
         run_config.write_bytes(tomli_w.dumps(cfg.to_mapping()).encode())
         port = free_port()
-        env = {
-            **os.environ,
-            **QUIET_ENV,
-            "FLWR_HOME": home,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
+        env = flower_env(home)
         (Path(home) / "config.toml").write_text(
             '[superlink]\ndefault = "fedmaml"\n\n[superlink.fedmaml]\n'
             f'address = "127.0.0.1:{port}"\ninsecure = true\n'
@@ -83,7 +72,7 @@ def simulate(
         with open(log_path, "w") as log:
             superlink = subprocess.Popen(
                 [
-                    _bin("flower-superlink"),
+                    flower_bin("flower-superlink"),
                     "--insecure",
                     "--simulation",
                     "--isolation",
@@ -110,7 +99,7 @@ def simulate(
                 )
                 runner = subprocess.Popen(
                     [
-                        _bin("flwr"),
+                        flower_bin("flwr"),
                         "run",
                         str(APP_DIR),
                         "fedmaml",

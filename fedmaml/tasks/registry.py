@@ -11,6 +11,7 @@ from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.tasks.episodes import EpisodeSpec
 from fedmaml.tasks.femnist import FemnistSource
+from fedmaml.tasks.local import LocalSource
 from fedmaml.tasks.omniglot import OmniglotSource
 from fedmaml.tasks.sine import SineFamily
 from fedmaml.tasks.source import TaskSource
@@ -25,7 +26,8 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 def open_source(cfg: RunConfig) -> TaskSource:
     """The clients of ``cfg.task`` (train and held-out) from ``cfg.data_path``: Omniglot
     alphabets, FEMNIST writers or a table's users; clients too small for the episodes
-    ``episode_spec(cfg)`` asks for are skipped (logged)."""
+    ``episode_spec(cfg)`` asks for are skipped (logged). Task ``local`` has no clients here:
+    each deployed node reads its own data (:mod:`fedmaml.tasks.local`)."""
     if cfg.task == "sine":
         return SineFamily(
             seed=cfg.seed, num_train=cfg.num_train_clients, num_heldout=cfg.num_heldout_clients
@@ -57,8 +59,10 @@ def open_source(cfg: RunConfig) -> TaskSource:
             num_train_clients=cfg.num_train_clients,
             spec=episode_spec(cfg),
         )
+    if cfg.task == "local":
+        return LocalSource(cfg.model_name, cfg.input_dims, cfg.num_classes, cfg.ways)
     raise FedmamlError(
-        f"task {cfg.task!r} has no data source; use sine, omniglot, femnist or table"
+        f"task {cfg.task!r} has no data source; use sine, omniglot, femnist, table or local"
     )
 
 

@@ -1,0 +1,179 @@
+"""``fedmaml client``: serve fedmaml's ClientApp on this device's own data (a Flower SuperNode).
+
+Checks the data file first (readable, the named columns, finite values), then runs
+``flower-supernode`` in the foreground with the data's path and format in its node config, until
+it stops or you press Ctrl-C. The federation's runs must use task = 'local' with the data's
+input-shape and num-classes; each message is then answered with this device's data only.
+
+Security: TLS is on by default (the SuperLink's certificate is checked against the system's
+CAs, or the CA of --root-certificates); --auth-key authenticates this SuperNode with its
+registered ECDSA key. --insecure (no TLS) is for local testing only.
+
+Examples:
+  fedmaml client --superlink 127.0.0.1:9092 --data data.csv --label-column y --insecure
+  fedmaml client --superlink link.example.org:9092 --data images/ --role heldout \\
+      --root-certificates ca.crt --auth-key node-0 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedmaml.errors import FedmamlError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "client",
+        help="serve this device's data to a federation (a Flower SuperNode)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="SuperLink address")
+    p.add_argument("--data", required=True, type=Path, help="this device's data: file or folder")
+    p.add_argument(
+        "--format",
+        choices=["csv", "parquet", "npz", "leaf", "images"],
+        help="data format (default: from the suffix; a folder is images)",
+    )
+    p.add_argument("--label-column", help="tables: the label column (default: the run's)")
+    p.add_argument(
+        "--feature-columns", help="tables: comma-separated feature columns (default: all numeric)"
+    )
+    p.add_argument("--user", help="LEAF JSON: this device's user, when the file holds several")
+    p.add_argument(
+        "--heldout-fraction",
+        type=float,
+        help="share of the examples kept for evaluation (default 0.2)",
+    )
+    p.add_argument(
+        "--role",
+        choices=["train", "heldout"],
+        default="train",
+        help="train: takes part in training; heldout: only evaluated (an unseen user)",
+    )
+    p.add_argument(
+        "--client-index",
+        type=int,
+        default=0,
+        help="this device's number in the results tables and episode seeds (default 0)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N",
+    )
+    security = p.add_mutually_exclusive_group()
+    security.add_argument("--insecure", action="store_true", help="no TLS: for local testing only")
+    security.add_argument(
+        "--root-certificates",
+        type=Path,
+        metavar="CA",
+        help="CA certificate (PEM) that signed the SuperLink's certificate",
+    )
+    p.add_argument(
+        "--auth-key",
+        type=Path,
+        metavar="KEY",
+        help="this SuperNode's ECDSA private key (OpenSSH format), registered with "
+        "flwr supernode register",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        help="local port of the SuperNode's own API and /health (default: a free one)",
+    )
+    p.add_argument(
+        "--print-command",
+        action="store_true",
+        help="check the data, print the flower-supernode command and exit",
+    )
+    p.set_defaults(func=run)
+
+
+def node_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The SuperNode's node config: who it is and where its data is."""
+    values: dict[str, Any] = {
+        "role": args.role,
+        "client-index": args.client_index,
+        "data-path": str(args.data.expanduser().resolve()),
+        "device": args.device,
+    }
+    optional = {
+        "data-format": args.format,
+        "label-column": args.label_column,
+        "feature-columns": args.feature_columns,
+        "user": args.user,
+        "heldout-fraction": args.heldout_fraction,
+    }
+    values.update({k: v for k, v in optional.items() if v is not None})
+    return values
+
+
+def check_data(args: argparse.Namespace) -> str:
+    """Load the data as a run would (shapes and classes come later, from the run config);
+    one line describing it."""
+    import torch
+
+    from fedmaml.device import resolve_device
+    from fedmaml.tasks.local import load_local
+
+    if args.client_index < 0:
+        raise FedmamlError("--client-index must be >= 0")
+    resolve_device(args.device)
+    features = [c.strip() for c in (args.feature_columns or "").split(",") if c.strip()]
+    data = load_local(
+        args.data,
+        fmt=args.format,
+        label_column=args.label_column or "label",
+        feature_columns=features or None,
+        user=args.user,
+        heldout_fraction=0.2 if args.heldout_fraction is None else args.heldout_fraction,
+    )
+    labels = torch.cat([data.y, data.y_test]) if data.y_test is not None else data.y
+    shape = ",".join(map(str, data.x.shape[1:]))
+    if data.is_classification:
+        kind = f"{len(labels.unique())} classes (labels {int(labels.min())}..{int(labels.max())})"
+    else:
+        kind = "regression targets"
+    return f"{args.data}: {len(labels)} examples of shape {shape}, {kind}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedmaml.federated.deployment import supernode_command
+    from fedmaml.federated.processes import flower_env, free_port, stop_tree
+
+    print(check_data(args), flush=True)
+    port = args.port or free_port()
+    cmd = supernode_command(
+        args.superlink,
+        port=port,
+        node_config=node_config(args),
+        insecure=args.insecure,
+        root_certificates=args.root_certificates,
+        auth_key=args.auth_key,
+    )
+    if args.print_command:
+        print(shlex.join(cmd))
+        return 0
+    print(f"starting the SuperNode (local API and /health on 127.0.0.1:{port})", flush=True)
+    process = subprocess.Popen(cmd, env=flower_env())
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        code = process.wait()
+    finally:
+        stop_tree(process)
+        signal.signal(signal.SIGTERM, previous)
+    if code:
+        print(f"fedmaml client: the SuperNode exited with code {code}", file=sys.stderr)
+    return code

@@ -1,0 +1,306 @@
+"""A Flower deployment of fedmaml: SuperLink, SuperNodes, connections and runs.
+
+What ``fedmaml client``, the deployment tests and the latency benchmark share (docs/deployment.md
+gives the same steps as shell commands):
+
+* :func:`superlink_command`, :func:`supernode_command`: the argv of ``flower-superlink`` and
+  ``flower-supernode``: over TLS, optionally with SuperNode authentication
+  (``--enable-supernode-auth`` on the SuperLink, ``--auth-supernode-private-key`` on each
+  SuperNode, keys registered with ``flwr supernode register``), or insecure for local testing;
+* :func:`node_config_text`: a ``--node-config`` string from a mapping (TOML values);
+* :func:`write_connection`: a named SuperLink connection in ``$FLWR_HOME/config.toml``, the
+  target of ``flwr run <app> <connection>``;
+* :class:`LocalFederation`: a SuperLink and SuperNodes on this machine (free ports, readiness
+  on ``/health``, one log per process, stops by pid), and ``flwr`` commands against it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedmaml.errors import FedmamlError
+from fedmaml.federated.processes import (
+    descendants,
+    flower_bin,
+    flower_env,
+    free_port,
+    stop_tree,
+    wait_healthy,
+)
+from fedmaml.federated.simulation import APP_DIR
+
+CONNECTION = "fedmaml"
+
+
+def node_config_text(values: Mapping[str, Any]) -> str:
+    """``key=value ...`` as ``flower-supernode --node-config`` parses it (strings quoted)."""
+    parts = []
+    for key, value in values.items():
+        if not key or any(c.isspace() or c == "=" for c in key):
+            raise FedmamlError(f"node config key {key!r} must be one word without '='")
+        if isinstance(value, str) and '"' in value:
+            raise FedmamlError(f"node config {key}={value!r}: values cannot hold double quotes")
+        parts.append(f"{key}={tomli_w.dumps({'v': value}).partition('=')[2].strip()}")
+    return " ".join(parts)
+
+
+def superlink_command(
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    ca_cert: Path | None = None,
+    cert: Path | None = None,
+    key: Path | None = None,
+    supernode_auth: bool = False,
+    database: Path | None = None,
+) -> list[str]:
+    """``flower-superlink`` serving Fleet, Control and Runtime APIs on ``host:port``: TLS when
+    the certificate files are given, insecure otherwise (local testing only). ``database``
+    keeps runs and registered SuperNodes across restarts."""
+    tls = (ca_cert, cert, key)
+    if any(tls) and not all(tls):
+        raise FedmamlError("TLS needs all three of the CA certificate, certificate and key")
+    if supernode_auth and not all(tls):
+        raise FedmamlError("SuperNode authentication needs TLS: give the SuperLink certificates")
+    cmd = [
+        flower_bin("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+    if all(tls):
+        cmd += ["--ssl-ca-certfile", str(ca_cert), "--ssl-certfile", str(cert)]
+        cmd += ["--ssl-keyfile", str(key)]
+    else:
+        cmd.append("--insecure")
+    if supernode_auth:
+        cmd.append("--enable-supernode-auth")
+    if database is not None:
+        cmd += ["--database", str(database)]
+    return cmd
+
+
+def supernode_command(
+    superlink: str,
+    *,
+    port: int,
+    node_config: Mapping[str, Any],
+    insecure: bool = False,
+    root_certificates: Path | None = None,
+    auth_key: Path | None = None,
+) -> list[str]:
+    """``flower-supernode`` connecting to ``superlink`` (host:port): insecure, or TLS verified
+    against ``root_certificates`` (the system's CAs when None), authenticated with
+    ``auth_key`` (an ECDSA private key in OpenSSH format) when given. ``port`` is the node's
+    own local API (and its ``/health``); every SuperNode on a host needs its own."""
+    if insecure and (root_certificates or auth_key):
+        raise FedmamlError(
+            "an insecure SuperNode takes no certificates or key: SuperNode authentication needs "
+            "TLS; drop --insecure or the certificate and key"
+        )
+    for path in (root_certificates, auth_key):
+        if path is not None and not Path(path).is_file():
+            raise FedmamlError(f"{path}: no such file")
+    cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--port", str(port)]
+    if insecure:
+        cmd.append("--insecure")
+    if root_certificates is not None:
+        cmd += ["--root-certificates", str(root_certificates)]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    if node_config:
+        cmd += ["--node-config", node_config_text(node_config)]
+    return cmd
+
+
+def write_connection(
+    home: Path, address: str, *, name: str = CONNECTION, root_certificates: Path | None = None
+) -> Path:
+    """``$FLWR_HOME/config.toml`` (created or replaced) with one connection ``name`` to
+    ``address``, the default: TLS verified against ``root_certificates``, else insecure."""
+    entry: dict[str, Any] = {"address": address}
+    if root_certificates is None:
+        entry["insecure"] = True
+    else:
+        entry["root-certificates"] = str(Path(root_certificates).resolve())
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "config.toml"
+    path.write_text(tomli_w.dumps({"superlink": {"default": name, name: entry}}))
+    return path
+
+
+class LocalFederation:
+    """A SuperLink and SuperNodes on 127.0.0.1, under ``root`` (logs, ``FLWR_HOME``, state).
+
+    Use it as a context manager: leaving it stops every process it started, by pid, even when
+    the body raised. TLS when ``ca_cert``, ``cert`` and ``key`` are given (SuperNodes then get
+    ``ca_cert`` as their root certificate), with SuperNode authentication if
+    ``supernode_auth``. The SuperLink keeps its state in ``root/state.db``, so a restarted
+    SuperLink (:meth:`restart_superlink`) still knows the SuperNodes.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        ca_cert: Path | None = None,
+        cert: Path | None = None,
+        key: Path | None = None,
+        supernode_auth: bool = False,
+        app_dir: Path = APP_DIR,
+    ) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.home = self.root / "flwr-home"
+        self.env = flower_env(self.home)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.ca_cert, self.app_dir = ca_cert, app_dir
+        self._superlink_cmd = superlink_command(
+            self.port,
+            ca_cert=ca_cert,
+            cert=cert,
+            key=key,
+            supernode_auth=supernode_auth,
+            database=self.root / "state.db",
+        )
+        write_connection(self.home, self.address, root_certificates=ca_cert)
+        self.processes: dict[str, subprocess.Popen] = {}
+        self._health: dict[str, str] = {}
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def log(self, name: str) -> Path:
+        return self.root / f"{name}.log"
+
+    def start_superlink(self, timeout: float = 60.0) -> subprocess.Popen:
+        scheme = "https" if self.ca_cert else "http"
+        return self._start(
+            "superlink", self._superlink_cmd, f"{scheme}://{self.address}/health", timeout
+        )
+
+    def restart_superlink(self, timeout: float = 60.0) -> subprocess.Popen:
+        """Stop the SuperLink (and the ServerApp it runs) and start it again on the same port
+        and state."""
+        stop_tree(self.processes["superlink"])
+        return self.start_superlink(timeout)
+
+    def add_node(
+        self,
+        name: str,
+        node_config: Mapping[str, Any],
+        *,
+        auth_key: Path | None = None,
+        wait: bool = True,
+        timeout: float = 60.0,
+    ) -> subprocess.Popen:
+        """Start SuperNode ``name``; with ``wait``, return once its ``/health`` answers (else
+        see :meth:`wait_ready`, to start several nodes at once)."""
+        port = free_port()
+        cmd = supernode_command(
+            self.address,
+            port=port,
+            node_config=node_config,
+            insecure=self.ca_cert is None,
+            root_certificates=self.ca_cert,
+            auth_key=auth_key,
+        )
+        self._health[name] = f"http://127.0.0.1:{port}/health"
+        return self._start(name, cmd, self._health[name] if wait else "", timeout)
+
+    def wait_ready(self, *names: str, timeout: float = 60.0) -> None:
+        """Wait until the SuperNodes ``names`` answer on ``/health``."""
+        for name in names:
+            wait_healthy(self._health[name], self.processes[name], timeout, self.log(name))
+
+    def kill(self, name: str) -> None:
+        """SIGKILL process ``name`` and everything it started, at once: a device that dies,
+        with no goodbye to the SuperLink."""
+        process = self.processes[name]
+        for pid in [process.pid, *descendants(process.pid)]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """``flwr ARGS`` against this federation (FLWR_HOME under ``root``), output captured."""
+        return subprocess.run(
+            [flower_bin("flwr"), *args],
+            env=self.env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def register(self, public_key: Path) -> subprocess.CompletedProcess:
+        return self.flwr("supernode", "register", str(public_key), CONNECTION)
+
+    def submit(
+        self, run_config: Mapping[str, Any], name: str = "run", app_dir: Path | None = None
+    ) -> subprocess.Popen:
+        """``flwr run <app> fedmaml --stream`` with ``run_config`` (a TOML file under ``root``)
+        in the background, its output in ``root/<name>.log``; the app is fedmaml's unless
+        ``app_dir`` names another."""
+        config = self.root / f"{name}.toml"
+        config.write_text(tomli_w.dumps(dict(run_config)))
+        app = str(app_dir or self.app_dir)
+        cmd = [flower_bin("flwr"), "run", app, CONNECTION, "--stream"]
+        return self._start(name, [*cmd, "--run-config", str(config)], "", 0)
+
+    def run(
+        self,
+        run_config: Mapping[str, Any],
+        *,
+        timeout: float = 600.0,
+        name: str = "run",
+        app_dir: Path | None = None,
+    ) -> int:
+        """Submit a run and wait for it to end; its exit code."""
+        process = self.submit(run_config, name, app_dir)
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise FedmamlError(
+                f"the run did not finish within {timeout:.0f} s; see {self.log(name)}"
+            ) from None
+
+    def close(self) -> None:
+        """Stop every process still running (all at once: SuperNodes take seconds to leave)."""
+        running = [p for p in self.processes.values() if p.poll() is None]
+        with ThreadPoolExecutor(max_workers=max(1, len(running))) as pool:
+            list(pool.map(stop_tree, running))
+
+    def _start(self, name: str, cmd: list[str], health: str, timeout: float) -> subprocess.Popen:
+        """Start ``cmd`` in its own session, output appended to ``root/<name>.log``."""
+        if name in self.processes and self.processes[name].poll() is None:
+            raise FedmamlError(f"{name} is already running; stop it first or use another name")
+        with open(self.log(name), "a") as log:
+            process = subprocess.Popen(
+                cmd,
+                env=self.env,
+                cwd=self.root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.processes[name] = process
+        if health:
+            wait_healthy(health, process, timeout, self.log(name), ca_file=self.ca_cert)
+        return process
