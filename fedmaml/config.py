@@ -50,8 +50,8 @@ class RunConfig:
     inner_lr: float = 0.01
     eval_steps: int = 5
     meta_optimizer: str = "adam"
-    meta_lr: float = 0.001
-    num_rounds: int = 50
+    meta_lr: float = 0.003
+    num_rounds: int = 300
     num_train_clients: int = 100
     num_heldout_clients: int = 20
     fraction_train: float = 0.1
@@ -64,7 +64,7 @@ class RunConfig:
     query_size: int = 10
     ways: int = 0
     local_episodes: int = 1
-    eval_every: int = 10
+    eval_every: int = 50
     eval_clients: int = 20
     seed: int = 0
     out_dir: str = "runs/latest"
