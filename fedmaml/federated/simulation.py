@@ -12,9 +12,10 @@ from __future__ import annotations
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
@@ -45,11 +46,17 @@ def simulate(
     *,
     log_path: Path | None = None,
     on_poll: Callable[[], None] | None = None,
+    app_dir: Path = APP_DIR,
+    app_config: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Run ``cfg`` as a Flower simulation; return the run directory (``cfg.out_dir``)."""
-    if not (APP_DIR / "pyproject.toml").is_file():
+    """Run ``cfg`` as a Flower simulation; return the run directory (``cfg.out_dir``).
+
+    ``app_dir`` and ``app_config`` run another Flower app (a benchmark's baseline) the same way,
+    with that run config; ``cfg`` then gives only the run directory and the number of nodes.
+    """
+    if not (app_dir / "pyproject.toml").is_file():
         raise FedmamlError(
-            f"no Flower app found at {APP_DIR}: run fedmaml simulate from a fedmaml source "
+            f"no Flower app found at {app_dir}: run fedmaml simulate from a fedmaml source "
             "checkout (pip install -e .)"
         )
     out_dir = Path(cfg.out_dir).resolve()
@@ -62,7 +69,8 @@ def simulate(
     nodes = options.num_supernodes or cfg.num_train_clients + cfg.num_heldout_clients
     with tempfile.TemporaryDirectory(prefix="fedmaml-flwr-") as home:
         run_config = Path(home) / "run_config.toml"
-        run_config.write_bytes(tomli_w.dumps(cfg.to_mapping()).encode())
+        mapping = cfg.to_mapping() if app_config is None else dict(app_config)
+        run_config.write_bytes(tomli_w.dumps(mapping).encode())
         port = free_port()
         env = flower_env(home)
         (Path(home) / "config.toml").write_text(
@@ -101,7 +109,7 @@ def simulate(
                     [
                         flower_bin("flwr"),
                         "run",
-                        str(APP_DIR),
+                        str(app_dir),
                         "fedmaml",
                         "--stream",
                         "--run-config",
