@@ -3,12 +3,21 @@
 Files in the run directory (rewritten atomically after every round, so a crash keeps them):
 ``rounds.csv`` (one row per round), ``clients.csv`` (one row per client reply or failure),
 ``summary.json`` (configuration, final metrics, wall time).
+
+The CSV files are written as pandas writes a DataFrame of the rows (columns in order of first
+appearance, a missing or NaN value an empty field) and ``pd.read_csv`` reads back the same
+table; each row is formatted once and kept, so rewriting the files after a round costs the
+bytes written, not a new formatting of every earlier round (which made a long run's rounds
+slower and slower).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +27,60 @@ ROUNDS = "rounds.csv"
 CLIENTS = "clients.csv"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
+
+
+class CsvTable:
+    """Rows of a CSV file and their formatted lines, kept between writes.
+
+    A row is formatted when it is added and again only after it changed (``touch``) or a new
+    column appeared; ``text()`` joins the kept lines.
+    """
+
+    def __init__(self) -> None:
+        self.columns: dict[str, None] = {}
+        self._lines: dict[Any, str] = {}
+
+    def reset(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Forget every formatted line; the columns become those of ``rows``."""
+        self.columns = {k: None for row in rows for k in row}
+        self._lines = {}
+
+    def touch(self, key: Any, row: dict[str, Any]) -> None:
+        """Row ``key`` was added or changed: format it again at the next ``text()``."""
+        self._lines.pop(key, None)
+        if any(k not in self.columns for k in row):
+            self.columns.update(dict.fromkeys(row))
+            self._lines = {}
+
+    def text(self, rows: Iterable[tuple[Any, dict[str, Any]]]) -> str:
+        """The CSV text of ``(key, row)`` pairs, in that order."""
+        if not self.columns:
+            return "\n"  # pandas' text for a table without columns
+        lines = [",".join(_quote(c) for c in self.columns)]
+        for key, row in rows:
+            line = self._lines.get(key)
+            if line is None:
+                line = self._lines[key] = ",".join(_field(row.get(c)) for c in self.columns)
+            lines.append(line)
+        return "\n".join(lines) + "\n"
+
+
+def _field(value: Any) -> str:
+    """One value as pandas writes it (floats at full precision, NaN and None empty)."""
+    if value is None or isinstance(value, bool):
+        return "" if value is None else str(value)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        return "" if math.isnan(value) else repr(float(value))
+    return _quote(str(value))
+
+
+def _quote(text: str) -> str:
+    """Quote a field the way Python's csv module does (QUOTE_MINIMAL)."""
+    if any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
 
 
 class RunRecorder:
@@ -31,16 +94,23 @@ class RunRecorder:
         self.clients: list[dict[str, Any]] = []
         self.started = time.monotonic()
         self._load_existing()
+        self._rounds_csv = CsvTable()
+        self._clients_csv = CsvTable()
+        self._reset_tables()
 
     def _load_existing(self) -> None:
-        """Keep the rows of an earlier part of this run (resume) instead of overwriting them."""
+        """Keep the rows of an earlier part of this run (resume) instead of overwriting them.
+        (pandas is imported only then: a new run's server starts faster without it.)"""
+        rounds, clients = self.out_dir / ROUNDS, self.out_dir / CLIENTS
+        if not (rounds.is_file() or clients.is_file()):
+            return
         import pandas as pd
 
-        if (self.out_dir / ROUNDS).is_file():
-            for row in pd.read_csv(self.out_dir / ROUNDS).to_dict("records"):
+        if rounds.is_file():
+            for row in pd.read_csv(rounds).to_dict("records"):
                 self.rounds[int(row["round"])] = row
-        if (self.out_dir / CLIENTS).is_file():
-            self.clients = pd.read_csv(self.out_dir / CLIENTS).to_dict("records")
+        if clients.is_file():
+            self.clients = pd.read_csv(clients).to_dict("records")
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -48,22 +118,27 @@ class RunRecorder:
     def round_values(self, round_: int, **values: Any) -> None:
         row = self.rounds.setdefault(round_, {"round": round_})
         row.update(values)
+        self._rounds_csv.touch(round_, row)
 
     def client_row(self, **row: Any) -> None:
         self.clients.append(row)
+        self._clients_csv.touch(len(self.clients) - 1, row)
 
     def truncate_after(self, round_: int) -> None:
         """Drop rows of rounds after ``round_`` (a resumed run redoes them)."""
         self.rounds = {r: v for r, v in self.rounds.items() if r <= round_}
         self.clients = [c for c in self.clients if int(c.get("round", 0)) <= round_]
+        self._reset_tables()
+
+    def _reset_tables(self) -> None:
+        self._rounds_csv.reset(self.rounds[r] for r in sorted(self.rounds))
+        self._clients_csv.reset(self.clients)
 
     def flush(self) -> None:
-        import pandas as pd
-
-        rounds = pd.DataFrame([self.rounds[r] for r in sorted(self.rounds)])
-        clients = pd.DataFrame(self.clients)
-        atomic_write(self.out_dir / ROUNDS, lambda f: rounds.to_csv(f, index=False))
-        atomic_write(self.out_dir / CLIENTS, lambda f: clients.to_csv(f, index=False))
+        rounds = self._rounds_csv.text((r, self.rounds[r]) for r in sorted(self.rounds))
+        clients = self._clients_csv.text(enumerate(self.clients))
+        atomic_write(self.out_dir / ROUNDS, lambda f: f.write(rounds))
+        atomic_write(self.out_dir / CLIENTS, lambda f: f.write(clients))
 
     def write_summary(self, **extra: Any) -> dict[str, Any]:
         last = self.rounds[max(self.rounds)] if self.rounds else {}
