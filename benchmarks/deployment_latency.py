@@ -16,9 +16,9 @@ the handler). ClientApps compared:
 It also times, in fresh processes (median of ``--repeat``), what a node pays per message
 without Flower's transport: the imports of Flower's ClientApp alone, with torch, and with what a
 fedmaml train message imports (ClientApp module, node, workload, local data loader); and one
-whole fedmaml train message (imports, building the model, reading the device's file as CSV or
-NPZ, one MAML meta-gradient) as ``flwr-clientapp`` runs it. Prints tables; ``--json`` writes
-the numbers.
+whole fedmaml train message (imports, building the model, reading the device's file as CSV,
+cached CSV or NPZ, one MAML meta-gradient) as ``flwr-clientapp`` runs it. Prints tables;
+``--json`` writes the numbers.
 
     .venv/bin/python benchmarks/deployment_latency.py --rounds 3
 """
@@ -77,7 +77,7 @@ run_config = {run_config!r}
 theta = Workload.from_config(RunConfig.from_mapping(run_config)).initial_params()
 content = RecordDict({{"arrays": to_record(theta), "config": ConfigRecord({{"meta-round": 1}})}})
 message = Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
-node_config = {{"data-path": sys.argv[1], "role": "train", "client-index": 0}}
+node_config = {{"data-path": sys.argv[1], "cache-dir": sys.argv[2], "client-index": 0}}
 context = Context(1, 0, node_config, RecordDict(), run_config)
 reply = app(message, context)
 assert not reply.has_error(), reply.error
@@ -187,8 +187,10 @@ def node_side(root: Path, csv: Path, repeat: int) -> dict[str, float]:
     npz = root / "device.npz"
     np.savez(npz, x=df.drop(columns="y").to_numpy(), y=df["y"].to_numpy())
     handler = HANDLER.format(run_config=RUN_CONFIG)
-    for path in (csv, npz):
-        times[f"train message ({path.suffix[1:]})"] = process_seconds(handler, repeat, str(path))
+    cache = str(root / "cache")
+    for name, path, cache_dir in (("csv", csv, ""), ("csv, cached", csv, cache), ("npz", npz, "")):
+        seconds = process_seconds(handler, repeat, str(path), cache_dir)
+        times[f"train message ({name})"] = seconds
     return times
 
 
@@ -220,7 +222,7 @@ def main() -> None:
         with LocalFederation(root / "federation") as fed:
             fed.start_superlink()
             for i, file in enumerate(files):
-                config = {"role": "train", "client-index": i, "data-path": str(file)}
+                config = {"client-index": i, "data-path": str(file), "cache-dir": str(root)}
                 fed.add_node(f"node-{i}", config)
             for name in args.apps.split(","):
                 out = root / f"{name}.json"

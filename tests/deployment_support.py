@@ -45,7 +45,14 @@ def write_devices(root: Path, n: int = 3, rows: int = 60, seed: int = 0) -> list
 
 
 def node_config(index: int, path: Path, role: str = "train") -> dict[str, Any]:
-    return {"role": role, "client-index": index, "data-path": str(path), "device": "cpu"}
+    """A device's node config; decoded data is cached beside its file, not in ~/.cache."""
+    return {
+        "role": role,
+        "client-index": index,
+        "data-path": str(path),
+        "device": "cpu",
+        "cache-dir": str(path.parent / "cache"),
+    }
 
 
 def start_nodes(fed: LocalFederation, files: list[Path], **extra: dict[str, Any]) -> None:

@@ -5,7 +5,11 @@ helpers that need no running process (certificates, node config text, fedmaml cl
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -188,6 +192,8 @@ def test_a_deployed_node_loads_its_own_file_from_its_node_config(tmp_path):
     assert len(data) + len(data.x_test) == 45
     _, narrow = load_client({**node, "feature-columns": "f0,f1"}, cfg.replace(input_shape="2"))
     assert narrow.x.shape[1] == 2
+    with pytest.raises(FedmamlError, match="client-index='2'"):
+        load_client({**node, "client-index": "2"}, cfg)
     with pytest.raises(FedmamlError, match="names none"):
         load_client({"role": "train"}, cfg)
     with pytest.raises(FedmamlError, match="task is 'sine'"):
@@ -245,3 +251,44 @@ def test_fedmaml_client_checks_the_data_and_wraps_flower_supernode(tmp_path, cap
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(certs.node_keys[0])
     with pytest.raises(FedmamlError, match="needs TLS"):
         supernode_command("h:1", port=5, node_config={}, insecure=True, auth_key=certs.node_keys[0])
+
+
+def test_the_device_script_passes_its_settings_file_to_fedmaml_client(tmp_path):
+    _frame().to_csv(tmp_path / "d.csv", index=False)
+    fedmaml = Path(sys.executable).with_name("fedmaml")
+    settings = tmp_path / "client.env"
+    settings.write_text(
+        f"SUPERLINK=10.0.0.5:9092\nDATA={tmp_path / 'd.csv'}\nLABEL_COLUMN=y\nROLE=heldout\n"
+        f"CLIENT_INDEX=4\nDEVICE=cpu\nINSECURE=1\nPRINT_COMMAND=1\nFEDMAML={fedmaml}\n"
+    )
+    script = Path(__file__).resolve().parents[1] / "clients" / "start-client.sh"
+    done = subprocess.run(
+        ["sh", str(script), str(settings)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    cmd = shlex.split(done.stdout.splitlines()[-1])
+    node = parse_config_args([cmd[cmd.index("--node-config") + 1]])
+    assert (node["role"], node["client-index"], node["device"]) == ("heldout", 4, "cpu")
+    missing = subprocess.run(["sh", str(script), str(tmp_path / "none.env")], capture_output=True)
+    assert missing.returncode == 2
+
+
+def test_decoded_data_is_cached_per_file_version_and_bad_files_are_not(tmp_path):
+    cache, csv = tmp_path / "cache", tmp_path / "d.csv"
+    _frame().to_csv(csv, index=False)
+    first = load_local(csv, label_column="y", num_classes=3, cache_dir=cache)
+    assert len(list(cache.glob("*.npz"))) == 1
+    stat = csv.stat()
+    csv.write_text("x" * stat.st_size)  # unreadable, but the same size and time: the cache
+    os.utime(csv, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = load_local(csv, label_column="y", num_classes=3, cache_dir=cache)
+    assert torch.equal(first.x, again.x) and torch.equal(first.y_test, again.y_test)
+    with pytest.raises(FedmamlError, match="no data rows"):  # other settings: read again
+        load_local(csv, label_column="y", num_classes=2, cache_dir=cache)
+    _frame(60).assign(f0=np.nan).to_csv(csv, index=False)
+    with pytest.raises(FedmamlError, match="NaN"):
+        load_local(csv, label_column="y", num_classes=3, cache_dir=cache)
+    assert len(list(cache.glob("*.npz"))) == 1
+    _frame(60).to_csv(csv, index=False)
+    assert len(load_local(csv, label_column="y", num_classes=3, cache_dir=cache)) == 48
+    assert len(list(cache.glob("*.npz"))) == 2

@@ -94,7 +94,7 @@ def make_dev_certs(
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from fedmaml.results import atomic_write
+    from fedmaml.atomic import atomic_write
 
     if nodes < 0 or days < 1 or not hosts:
         raise FedmamlError("give --nodes >= 0, --days >= 1 and at least one --host")

@@ -53,6 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="share of the examples kept for evaluation (default 0.2)",
     )
     p.add_argument(
+        "--cache-dir",
+        help="where decoded data is kept between messages (default "
+        "$XDG_CACHE_HOME/fedmaml/local-data; '' for no cache)",
+    )
+    p.add_argument(
         "--role",
         choices=["train", "heldout"],
         default="train",
@@ -111,6 +116,7 @@ def node_config(args: argparse.Namespace) -> dict[str, Any]:
         "feature-columns": args.feature_columns,
         "user": args.user,
         "heldout-fraction": args.heldout_fraction,
+        "cache-dir": args.cache_dir,
     }
     values.update({k: v for k, v in optional.items() if v is not None})
     return values

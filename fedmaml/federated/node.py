@@ -8,15 +8,18 @@ In a run of task ``local`` a deployed node serves its own data (:mod:`fedmaml.ta
 named in its node config: ``data-path`` (a file or folder on the device), and optionally
 ``data-format`` (csv, parquet, npz, leaf, images; inferred from the path), ``label-column`` and
 ``feature-columns`` (tables; default: the run config's), ``user`` (a LEAF file with several
-users) and ``heldout-fraction`` (0.2). ``device`` (auto, cpu, cuda, cuda:N) overrides the run
-config's device on that node (:func:`node_run_config`).
+users), ``heldout-fraction`` (0.2) and ``cache-dir`` (where decoded data is kept between
+messages; default ``$XDG_CACHE_HOME/fedmaml/local-data``, "" for none). ``device`` (auto, cpu,
+cuda, cuda:N) overrides the run config's device on that node (:func:`node_run_config`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from fedmaml.config import RunConfig
@@ -49,7 +52,12 @@ def identify(node_config: Mapping[str, Any], cfg: RunConfig) -> NodeIdentity:
     role = str(node_config.get("role", "train"))
     if role not in ROLES:
         raise FedmamlError(f"node config role={role!r}; use role='train' or role='heldout'")
-    return NodeIdentity(role, int(node_config.get("client-index", 0)))
+    index = node_config.get("client-index", 0)
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise FedmamlError(
+            f"node config client-index={index!r}; give an integer >= 0, e.g. client-index=3"
+        )
+    return NodeIdentity(role, index)
 
 
 def node_run_config(node_config: Mapping[str, Any], cfg: RunConfig) -> RunConfig:
@@ -114,4 +122,12 @@ def _own_data(node_config: Mapping[str, Any], cfg: RunConfig, identity: NodeIden
         seed=cfg.seed * 1_000_003 + identity.index,
         spec=episode_spec(cfg),
         client_id=f"{identity.role}-{identity.index}",
+        cache_dir=str(node_config.get("cache-dir", default_cache_dir())) or None,
+    )
+
+
+def default_cache_dir() -> Path:
+    """Where a device keeps its decoded data between messages."""
+    return (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedmaml" / "local-data"
     )

@@ -22,16 +22,24 @@ into a training pool and a held-out pool of share ``heldout_fraction`` (per clas
 classification, every class keeping a training example); with ``spec`` the pools must give a
 training and an evaluation episode, or a :class:`FedmamlError` says what is short.
 
+A deployed ClientApp is a new process per message, so it reads the file every round: with a
+``cache_dir`` the decoded examples of tables, LEAF files and image folders are kept as ``.npz``
+(keyed by the files' size and modification time and the decoding settings), which spares
+later messages pandas, JSON parsing and image decoding. NPZ files are read directly.
+
 :class:`LocalSource` is the task's source on the server: no clients, and the model built from
 the run configuration alone (:func:`local_model_kwargs`).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -84,35 +92,29 @@ def load_local(
     seed: int = 0,
     spec: EpisodeSpec | None = None,
     client_id: str = "",
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> ClientData:
-    """The device's examples at ``path`` as a ClientData (see the module docstring)."""
+    """The device's examples at ``path`` as a ClientData (see the module docstring).
+
+    With ``cache_dir``, the decoded examples of a table, LEAF file or image folder are kept
+    there (one ``.npz`` per file version and settings), so that later calls, e.g. the next
+    round's ClientApp process, skip pandas, JSON parsing and image decoding.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise FedmamlError(f"{path}: no such file or folder; check the data path (data-path)")
     fmt = fmt or infer_format(path)
     if fmt not in FORMATS:
         raise FedmamlError(f"data format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
-    source = str(path)
-    if fmt in ("csv", "parquet"):
-        x, y = table_to_tensors(
-            read_table(path),
-            label_column=label_column,
-            feature_columns=feature_columns,
-            classification=None if num_classes is None else num_classes > 0,
-            num_classes=num_classes or None,
-            source=source,
-        )
-    elif fmt == "npz":
-        features, labels = _read_npz(path)
-        x, y = _finite_inputs(features, source), _targets(labels, num_classes, source)
-    elif fmt == "leaf":
-        x, y = _read_leaf(path, user)
-        y = _targets(y.numpy(), num_classes, source)
+    settings = (fmt, list(input_shape), num_classes, label_column, feature_columns, user)
+    decode = functools.partial(_decode, path, *settings)
+    if cache_dir is None or fmt == "npz":
+        x, y = decode()
     else:
-        x, labels = _read_images(path, input_shape)
-        y = _targets(labels, num_classes, source)
+        x, y = _cached(Path(cache_dir), path, settings, decode)
     if len(x) == 0:
         raise FedmamlError(f"{path}: no examples; the device needs labelled data to take part")
+    source = str(path)
     x = _reshaped(x, input_shape, source)
     classification = not torch.is_floating_point(y)
     g = torch.Generator().manual_seed(seed % 2**64)
@@ -130,6 +132,59 @@ def load_local(
         if problem:
             raise FedmamlError(f"{path}: {problem}")
     return client
+
+
+def _decode(
+    path: Path,
+    fmt: str,
+    input_shape: Sequence[int],
+    num_classes: int | None,
+    label_column: str,
+    feature_columns: Sequence[str] | None,
+    user: str | None,
+) -> tuple[Tensor, Tensor]:
+    """Examples x float32 [n, ...] and labels (long [n]) or targets (float32 [n, 1])."""
+    source = str(path)
+    if fmt in ("csv", "parquet"):
+        return table_to_tensors(
+            read_table(path),
+            label_column=label_column,
+            feature_columns=feature_columns,
+            classification=None if num_classes is None else num_classes > 0,
+            num_classes=num_classes or None,
+            source=source,
+        )
+    if fmt == "npz":
+        features, labels = _read_npz(path)
+        return _finite_inputs(features, source), _targets(labels, num_classes, source)
+    if fmt == "leaf":
+        x, y = _read_leaf(path, user)
+        return x, _targets(y.numpy(), num_classes, source)
+    x, labels = _read_images(path, input_shape)
+    return x, _targets(labels, num_classes, source)
+
+
+def _cached(
+    cache_dir: Path, path: Path, settings: tuple, decode: Callable[[], tuple[Tensor, Tensor]]
+) -> tuple[Tensor, Tensor]:
+    """``decode()``, kept in ``cache_dir`` under a key of the data's path, size and modification
+    time (of every file, for a folder) and the decoding settings. A data file that fails its
+    checks is never cached, so it is checked again on the next call."""
+    from fedmaml.atomic import atomic_write
+
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = hashlib.sha1(json.dumps([str(path.resolve()), stamp, settings]).encode()).hexdigest()
+    file = cache_dir / f"{path.stem[:40]}-{key[:20]}.npz"
+    if file.is_file():
+        try:
+            with np.load(file, allow_pickle=False) as data:
+                return torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+            pass  # unreadable: decode again and replace it
+    x, y = decode()
+    atomic_write(file, lambda f: np.savez(f, x=x.numpy(), y=y.numpy()), mode="wb")
+    return x, y
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
