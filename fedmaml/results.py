@@ -106,11 +106,16 @@ class RunRecorder:
             return
         import pandas as pd
 
-        if rounds.is_file():
-            for row in pd.read_csv(rounds).to_dict("records"):
-                self.rounds[int(row["round"])] = row
-        if clients.is_file():
-            self.clients = pd.read_csv(clients).to_dict("records")
+        def rows(path: Path) -> list[dict[str, Any]]:
+            """The table's rows; none for a missing file or one without columns (a run that
+            stopped before its first round)."""
+            try:
+                return pd.read_csv(path).to_dict("records") if path.is_file() else []
+            except pd.errors.EmptyDataError:
+                return []
+
+        self.rounds = {int(row["round"]): row for row in rows(rounds)}
+        self.clients = rows(clients)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started

@@ -89,3 +89,14 @@ def test_floats_keep_full_precision(tmp_path, value):
     recorder.round_values(1, x=value)
     recorder.flush()
     assert pd.read_csv(tmp_path / ROUNDS)["x"].iloc[0] == value
+
+
+def test_resume_after_a_run_that_stopped_before_round_one(tmp_path):
+    """Tables written before any row exist hold no columns; a resumed run starts empty."""
+    first = RunRecorder(tmp_path, {})
+    first.flush()
+    resumed = RunRecorder(tmp_path, {})
+    assert resumed.rounds == {} and resumed.clients == []
+    resumed.round_values(1, ok=3)
+    resumed.flush()
+    assert RunRecorder(tmp_path, {}).rounds[1]["ok"] == 3
