@@ -64,6 +64,10 @@ def simulate(
     cfg = cfg.replace(
         out_dir=str(out_dir),
         resume=cfg.resume if cfg.resume in ("", "auto") else str(Path(cfg.resume).resolve()),
+        # the apps run in another working directory: local paths must be absolute
+        data_path=str(Path(cfg.data_path).resolve())
+        if Path(cfg.data_path).exists() and cfg.data_path
+        else cfg.data_path,
     )
     log_path = log_path or out_dir / "flower.log"
     nodes = options.num_supernodes or cfg.num_train_clients + cfg.num_heldout_clients
