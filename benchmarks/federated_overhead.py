@@ -80,7 +80,7 @@ from fedmaml.checkpoint import Checkpoint, save_checkpoint
 from fedmaml.config import RunConfig
 from fedmaml.federated import client_app as fedmaml_client
 from fedmaml.federated.records import to_record
-from fedmaml.federated.server_app import CheckpointSaver, build_aggregator, sampled_per_round
+from fedmaml.federated.server_app import CheckpointSaver, build_aggregator
 from fedmaml.federated.simulation import SimulationOptions, simulate
 from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.meta.outer import MetaOptimizer
@@ -146,7 +146,7 @@ def in_process(cfg: RunConfig) -> Timing:
     times = []
     for meta_round in range(1, cfg.num_rounds + 1):
         t = time.perf_counter()
-        sampled = rng.sample(range(cfg.num_train_clients), sampled_per_round(cfg))
+        sampled = rng.sample(range(cfg.num_train_clients), cfg.clients_per_round)
         grads = [work.client_meta_gradient(params, clients[i], i, meta_round)[0] for i in sampled]
         mean = {k: torch.stack([g[k] for g in grads]).mean(0) for k in grads[0]}
         params = optimizer.step(mean)
@@ -177,7 +177,7 @@ def run_trivial(cfg: RunConfig, array_shapes: str) -> Timing:
     load = load_average()
     stamps = Path(cfg.out_dir).resolve() / "round_ends.txt"
     nodes = cfg.num_train_clients + cfg.num_heldout_clients
-    per_round = sampled_per_round(cfg)
+    per_round = cfg.clients_per_round
     app_config = {  # FedAvg samples max(int(nodes × fraction), min-train-nodes) = per_round
         "num-rounds": cfg.num_rounds,
         "fraction-train": per_round / nodes,
@@ -231,7 +231,7 @@ def breakdown(cfg: RunConfig, rounds: int) -> list[tuple[str, float]]:
     optimizer = MetaOptimizer(work.initial_params(), cfg.meta_optimizer, cfg.meta_lr)
     arrays = to_record(optimizer.current())
     config = cfg.to_mapping()
-    per_round = sampled_per_round(cfg)
+    per_round = cfg.clients_per_round
 
     def train_call(handler: Callable, node: int, meta_round: int) -> Message:
         sent = Message(

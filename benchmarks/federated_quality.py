@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from fedmaml.centralized import meta_train
 from fedmaml.checkpoint import load_checkpoint
 from fedmaml.config import RunConfig
 from fedmaml.federated.simulation import simulate
@@ -61,19 +60,7 @@ def main() -> None:
     rows = []
 
     t = time.monotonic()
-    work = Workload.from_config(base)
-    central = meta_train(
-        work.model,
-        work.initial_params(),
-        work.source,
-        work.spec,
-        loss_fn=work.loss_fn,
-        meta_steps=args.rounds,
-        meta_batch=args.per_round,
-        meta_lr=args.meta_lr,
-        inner_lr=base.inner_lr,
-        seed=base.seed,
-    )
+    central = Workload.from_config(base).train_centrally(args.rounds)
     rows.append(
         ("centralized MAML", heldout_mse(base, central.params, args.heldout), time.monotonic() - t)
     )

@@ -170,6 +170,11 @@ class RunConfig:
         return _shape(self.input_shape) or ()
 
     @property
+    def clients_per_round(self) -> int:
+        """Training clients sampled per round (Flower's rule: fraction, at least the minimum)."""
+        return max(int(self.num_train_clients * self.fraction_train), self.min_train_nodes)
+
+    @property
     def model_name(self) -> str:
         if self.model:
             return self.model

@@ -14,6 +14,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
+from fedmaml.centralized import MetaTrainResult, meta_train
 from fedmaml.config import RunConfig
 from fedmaml.device import resolve_device
 from fedmaml.meta import meta_gradient, model_params, with_inner_lrs
@@ -60,6 +61,28 @@ class Workload:
         if self.cfg.algorithm == "metasgd":
             return with_inner_lrs(theta, self.cfg.inner_lr)
         return theta
+
+    def train_centrally(self, steps: int, *, clients: list[int] | None = None) -> MetaTrainResult:
+        """The centralized reference of this configuration: ``steps`` meta-updates of
+        ``clients_per_round`` clients each (or of exactly ``clients``), in one process."""
+        cfg = self.cfg
+        return meta_train(
+            self.model,
+            self.initial_params(),
+            self.source,
+            self.spec,
+            loss_fn=self.loss_fn,
+            meta_steps=steps,
+            meta_batch=cfg.clients_per_round,
+            algorithm=cfg.algorithm,
+            inner_steps=cfg.inner_steps,
+            inner_lr=cfg.inner_lr,
+            meta_optimizer=cfg.meta_optimizer,
+            meta_lr=cfg.meta_lr,
+            seed=cfg.seed,
+            batching=cfg.batching,
+            clients=clients,
+        )
 
     def to_device(self, params: Params) -> Params:
         return {k: v.to(self.device) for k, v in params.items()}

@@ -75,7 +75,7 @@ def main() -> None:
         started = time.monotonic()
         simulate(cfg)
         wall = time.monotonic() - started
-        per_round = max(int(cfg.num_train_clients * cfg.fraction_train), cfg.min_train_nodes)
+        per_round = cfg.clients_per_round
         result = personalized(out)
         rows.append(
             {

@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import torch
 
-from fedmaml.centralized import meta_train
 from fedmaml.checkpoint import load_checkpoint
 from fedmaml.config import RunConfig
 from fedmaml.federated.simulation import SimulationOptions, simulate
@@ -40,23 +39,7 @@ def small_config(tmp_path, name: str, **changes) -> RunConfig:
 def centralized(cfg: RunConfig, steps: int) -> dict[str, torch.Tensor]:
     """The same meta-updates computed in one process: every client in every step."""
     work = Workload.from_config(cfg)
-    result = meta_train(
-        work.model,
-        work.initial_params(),
-        work.source,
-        work.spec,
-        loss_fn=work.loss_fn,
-        meta_steps=steps,
-        meta_batch=cfg.num_train_clients,
-        algorithm=cfg.algorithm,
-        inner_steps=cfg.inner_steps,
-        inner_lr=cfg.inner_lr,
-        meta_optimizer=cfg.meta_optimizer,
-        meta_lr=cfg.meta_lr,
-        seed=cfg.seed,
-        clients=list(range(cfg.num_train_clients)),
-    )
-    return result.params
+    return work.train_centrally(steps, clients=list(range(cfg.num_train_clients))).params
 
 
 def assert_params_close(actual, expected):

@@ -57,10 +57,6 @@ def main(grid: Grid, context: Context) -> None:
         raise
 
 
-def sampled_per_round(cfg: RunConfig) -> int:
-    return max(int(cfg.num_train_clients * cfg.fraction_train), cfg.min_train_nodes)
-
-
 def build_aggregator(cfg: RunConfig) -> Strategy:
     """The Flower strategy that aggregates client updates, as configured."""
     aggregator = AGGREGATORS[cfg.aggregator](
@@ -75,7 +71,7 @@ def build_aggregator(cfg: RunConfig) -> Strategy:
             aggregator,
             noise_multiplier=cfg.dp_noise,
             clipping_norm=cfg.dp_clip,
-            num_sampled_clients=sampled_per_round(cfg),
+            num_sampled_clients=cfg.clients_per_round,
         )
     return aggregator
 
