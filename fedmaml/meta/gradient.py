@@ -367,7 +367,8 @@ def _device(theta: Mapping[str, Tensor]) -> torch.device:
 
 
 def _to(pair: Pair, device: torch.device) -> Pair:
-    return pair[0].to(device), pair[1].to(device)
+    x, y = pair
+    return pair if x.device == device and y.device == device else (x.to(device), y.to(device))
 
 
 def _buffers(model: nn.Module, buffers: Mapping[str, Tensor] | None) -> Params:

@@ -93,12 +93,13 @@ def as_episodes(name: str, data: Pair | Sequence[Pair]) -> list[Pair]:
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
-    """One isfinite pass over all floating tensors (a per-episode check costs ~10 us each)."""
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    """One isfinite pass per group of equal-shaped floating tensors (usually one group: a
+    per-episode check costs ~2 us each, a stack of 25 small episodes ~4 us)."""
+    groups: dict[tuple[torch.device, torch.dtype, torch.Size], list[Tensor]] = {}
     for t in tensors:
         if torch.is_floating_point(t):
-            groups.setdefault((t.device, t.dtype), []).append(t.reshape(-1))
-    return all(bool(torch.isfinite(torch.cat(g)).all()) for g in groups.values())
+            groups.setdefault((t.device, t.dtype, t.shape), []).append(t)
+    return all(bool(torch.isfinite(torch.stack(g)).all()) for g in groups.values())
 
 
 def check_pairing(support: list[Pair], query: list[Pair]) -> None:
