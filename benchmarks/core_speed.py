@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/core_speed.py                 # full run (about 5-10 min, 2 cores)
+    .venv/bin/python benchmarks/core_speed.py                 # full run (about 4-6 min, 2 cores)
     .venv/bin/python benchmarks/core_speed.py --quick         # smoke run (1-3 min)
     .venv/bin/python benchmarks/core_speed.py --out benchmarks/results.md
 
