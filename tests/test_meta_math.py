@@ -483,3 +483,22 @@ def test_adaptation_curve_ends_agree_with_loss_at_theta_and_adapt(case):
         assert curve[-1]["accuracy"] == pytest.approx(acc)
     else:
         assert "accuracy" not in curve[0]
+
+
+@pytest.mark.parametrize("batching", ["loop", "vmap"])
+@pytest.mark.parametrize("algorithm", ["maml", "reptile"])
+def test_metrics_before_can_be_skipped_without_changing_the_gradient(batching, algorithm):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4))
+    params = dict(model.named_parameters())
+    support = [(torch.randn(6, 3), torch.randint(0, 4, (6,))) for _ in range(3)]
+    query = [(torch.randn(5, 3), torch.randint(0, 4, (5,))) for _ in range(3)]
+    kwargs = dict(loss_fn=F.cross_entropy, algorithm=algorithm, batching=batching, inner_lr=0.1)
+    g_full, m_full = meta_gradient(model, params, support, query, **kwargs)
+    g_lean, m_lean = meta_gradient(model, params, support, query, metrics_before=False, **kwargs)
+    for k in g_full:
+        torch.testing.assert_close(g_lean[k], g_full[k])
+    assert "loss_before" in m_full and "accuracy_before" in m_full
+    assert not any(k.endswith("_before") for k in m_lean)
+    assert m_lean["loss_after"] == pytest.approx(m_full["loss_after"])
+    assert m_lean["accuracy_after"] == pytest.approx(m_full["accuracy_after"])

@@ -87,6 +87,7 @@ def meta_gradient(
     inner_lr: InnerLR = 0.01,
     batching: str = "auto",
     buffers: Mapping[str, Tensor] | None = None,
+    metrics_before: bool = True,
 ) -> tuple[Params, dict[str, float]]:
     """The meta-gradient of one or several episodes (averaged) and their query metrics.
 
@@ -95,7 +96,9 @@ def meta_gradient(
     Returns ``(grads, metrics)``: ``grads`` has the keys of θ (and of α for ``metasgd``);
     ``metrics`` holds ``loss_before`` / ``loss_after`` (query loss at θ and at θ') and, when the
     labels are integers (classification), ``accuracy_before`` / ``accuracy_after``, plus
-    ``num_query`` and ``num_episodes``. Nothing is modified in place.
+    ``num_query`` and ``num_episodes``. ``metrics_before=False`` leaves out the ``*_before``
+    metrics and the no-grad forward of each query set at θ they cost (8-22% of a conv-net call,
+    ``benchmarks/README.md``). Nothing is modified in place.
     """
     validate.check_choice("algorithm", algorithm, validate.ALGORITHMS)
     validate.check_choice("batching", batching, validate.BATCHING)
@@ -117,7 +120,17 @@ def meta_gradient(
     engine = _engine(model, bufs, supports, queries, batching)
     with _clear_errors("support/query", supports[0]):
         grads, metrics = engine(
-            model, theta, alpha, lr, bufs, supports, queries, loss_fn, algorithm, inner_steps
+            model,
+            theta,
+            alpha,
+            lr,
+            bufs,
+            supports,
+            queries,
+            loss_fn,
+            algorithm,
+            inner_steps,
+            metrics_before,
         )
     validate.check_finite("the meta-gradient", grads)
     if not all(math.isfinite(v) for v in metrics.values()):
@@ -142,12 +155,23 @@ def _loop_engine(
     loss_fn: LossFn,
     algorithm: str,
     steps: int,
+    metrics_before: bool,
 ) -> tuple[Params, dict[str, float]]:
     total: Params = {}
     rows: list[dict[str, Tensor]] = []
     for support, query in zip(supports, queries, strict=True):
         grads, row = _loop_episode(
-            model, theta, alpha, lr, buffers, support, query, loss_fn, algorithm, steps
+            model,
+            theta,
+            alpha,
+            lr,
+            buffers,
+            support,
+            query,
+            loss_fn,
+            algorithm,
+            steps,
+            metrics_before,
         )
         total = grads if not total else {k: total[k] + grads[k] for k in total}
         rows.append(row)
@@ -166,6 +190,7 @@ def _loop_episode(
     loss_fn: LossFn,
     algorithm: str,
     steps: int,
+    metrics_before: bool,
 ) -> tuple[Params, dict[str, Tensor]]:
     """One episode's gradient and metrics. The pre-adaptation metrics cost one no-grad forward
     of the query set at θ: 8-18% of an episode of 5-way 1-shot conv4 (75 query, 5 support)."""
@@ -182,9 +207,8 @@ def _loop_episode(
             first_order=True,
         )
         grads = {k: start[k] - fast[k].detach() for k in start}
-        return grads, _query_row(model, start, fast, buffers, qx, qy, loss_fn)
-    with torch.no_grad():
-        before = task_loss(model, theta, buffers, qx, qy, loss_fn)
+        return grads, _query_row(model, start, fast, buffers, qx, qy, loss_fn, metrics_before)
+    before = _at(model, theta, buffers, qx, qy, loss_fn) if metrics_before else None
     second_order = SECOND_ORDER[algorithm]
     leaves = {k: v.detach().requires_grad_() for k, v in theta.items()}
     learned = (
@@ -217,6 +241,7 @@ def _vmap_engine(
     loss_fn: LossFn,
     algorithm: str,
     steps: int,
+    metrics_before: bool,
 ) -> tuple[Params, dict[str, float]]:
     """All n episodes at once: θ is expanded to n copies (θ_i, one per episode), the forward
     passes run under ``torch.vmap`` and plain autograd differentiates them (see
@@ -233,8 +258,7 @@ def _vmap_engine(
 
     def query(p: Params, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """L_Q(θ') of one episode, and its metrics at θ and θ' (one vmap call for all)."""
-        with torch.no_grad():
-            before = task_loss(model, start, buffers, x, y, loss_fn)
+        before = _at(model, start, buffers, x, y, loss_fn) if metrics_before else None
         after = task_loss(model, p, buffers, x, y, loss_fn)
         return after[0], _row(before, after, y)
 
@@ -310,14 +334,25 @@ def prefers_vmap(model: nn.Module) -> bool:
     return not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
 
+def _at(
+    model: nn.Module, params: Params, buffers: Params, x: Tensor, y: Tensor, loss_fn: LossFn
+) -> tuple[Tensor, Tensor]:
+    """(loss, output) without a graph."""
+    with torch.no_grad():
+        return task_loss(model, params, buffers, x, y, loss_fn)
+
+
 def _row(
-    before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor], y: Tensor
+    before: tuple[Tensor, Tensor] | None, after: tuple[Tensor, Tensor], y: Tensor
 ) -> dict[str, Tensor]:
-    """One episode's query metrics from (loss, output) at θ and at θ' (also under ``vmap``)."""
-    row = {"loss_before": before[0].detach(), "loss_after": after[0].detach()}
-    if not torch.is_floating_point(y):
-        row["accuracy_before"] = (before[1].detach().argmax(-1) == y).float().mean()
-        row["accuracy_after"] = (after[1].detach().argmax(-1) == y).float().mean()
+    """One episode's query metrics from (loss, output) at θ (if given) and at θ' (also under
+    ``vmap``)."""
+    points = {"after": after} if before is None else {"before": before, "after": after}
+    row = {}
+    for when, (loss, out) in points.items():
+        row[f"loss_{when}"] = loss.detach()
+        if not torch.is_floating_point(y):
+            row[f"accuracy_{when}"] = (out.detach().argmax(-1) == y).float().mean()
     return row
 
 
@@ -329,11 +364,11 @@ def _query_row(
     x: Tensor,
     y: Tensor,
     loss_fn: LossFn,
+    metrics_before: bool,
 ) -> dict[str, Tensor]:
-    """Query metrics at θ and θ' without a graph (Reptile, FedAvg)."""
-    with torch.no_grad():
-        before = task_loss(model, theta, buffers, x, y, loss_fn)
-        return _row(before, task_loss(model, fast, buffers, x, y, loss_fn), y)
+    """Query metrics at θ (if asked) and θ' without a graph (Reptile, FedAvg)."""
+    before = _at(model, theta, buffers, x, y, loss_fn) if metrics_before else None
+    return _row(before, _at(model, fast, buffers, x, y, loss_fn), y)
 
 
 def _summarise(rows: list[dict[str, Tensor]], queries: list[Pair]) -> dict[str, float]:
