@@ -292,3 +292,5 @@ def test_decoded_data_is_cached_per_file_version_and_bad_files_are_not(tmp_path)
     _frame(60).to_csv(csv, index=False)
     assert len(load_local(csv, label_column="y", num_classes=3, cache_dir=cache)) == 48
     assert len(list(cache.glob("*.npz"))) == 2
+    (tmp_path / "file").write_text("a file where the cache folder should be")
+    assert len(load_local(csv, label_column="y", cache_dir=tmp_path / "file" / "sub")) == 48

@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import zipfile
@@ -51,6 +52,8 @@ from fedmaml.tasks.episodes import ClientData, EpisodeSpec
 from fedmaml.tasks.partition import episode_problem, holdout_split
 from fedmaml.tasks.source import SPLITS
 from fedmaml.tasks.tables import _class_labels, read_table, table_to_tensors
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("csv", "parquet", "npz", "leaf", "images")
 SUFFIX_FORMATS = {
@@ -183,7 +186,10 @@ def _cached(
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
             pass  # unreadable: decode again and replace it
     x, y = decode()
-    atomic_write(file, lambda f: np.savez(f, x=x.numpy(), y=y.numpy()), mode="wb")
+    try:
+        atomic_write(file, lambda f: np.savez(f, x=x.numpy(), y=y.numpy()), mode="wb")
+    except (FedmamlError, OSError) as exc:
+        log.warning("not caching %s: %s", path, exc)
     return x, y
 
 
