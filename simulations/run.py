@@ -13,6 +13,7 @@ time, and the exact command.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -44,20 +45,25 @@ def load_config(name: str, overrides: list[str]) -> dict:
     return values
 
 
-def personalized(run_dir: Path) -> dict[str, float]:
-    """Mean and spread over clients of the metric after K steps at the final evaluation."""
+def personalized(run_dir: Path, trained_steps: int) -> dict[str, float | str]:
+    """Mean (and spread over clients) of the metric at the final evaluation: before adaptation,
+    after the number of steps used in training, and after all eval-steps K. Clients whose
+    evaluation failed (e.g. a NaN after K steps) are counted apart."""
     clients = pd.read_csv(run_dir / "clients.csv")
-    ev = clients[(clients["phase"] == "evaluate") & (clients["status"] == "ok")]
+    ev = clients[clients["phase"] == "evaluate"]
     ev = ev[ev["round"] == ev["round"].max()]
-    metric = "accuracy" if "accuracy-0" in ev else "loss"
-    k = max(int(m.group(1)) for c in ev.columns if (m := re.match(rf"{metric}-(\d+)$", c)))
-    out: dict[str, float] = {"metric": metric, "k": k}
+    ok = ev[ev["status"] == "ok"]
+    metric = "accuracy" if "accuracy-0" in ok else "loss"
+    k = max(int(m.group(1)) for c in ok.columns if (m := re.match(rf"{metric}-(\d+)$", c)))
+    out: dict[str, float | str] = {"metric": metric, "k": k}
     for group, heldout in (("seen", 0), ("unseen", 1)):
-        part = ev[ev["heldout"] == heldout]
-        out[f"{group} before"] = part[f"{metric}-0"].mean()
-        out[f"{group} after"] = part[f"{metric}-{k}"].mean()
-        out[f"{group} sd"] = part[f"{metric}-{k}"].std()
+        part = ok[ok["heldout"] == heldout]
+        out[f"{group} @0"] = part[f"{metric}-0"].mean()
+        out[f"{group} @{trained_steps}"] = part[f"{metric}-{trained_steps}"].mean()
+        out[f"{group} @K"] = part[f"{metric}-{k}"].mean()
+        out[f"{group} sd@K"] = part[f"{metric}-{k}"].std()
         out[f"{group} clients"] = len(part)
+    out["failed evals"] = int((ev["status"] != "ok").sum())
     return out
 
 
@@ -66,6 +72,11 @@ def main() -> None:
     p.add_argument("config", help="a simulations/*.toml name, e.g. sine")
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--table-only",
+        action="store_true",
+        help="rebuild the table from the run directories of an earlier call",
+    )
     args = p.parse_args()
     values = load_config(args.config, args.overrides)
     rows = []
@@ -73,10 +84,12 @@ def main() -> None:
         out = ROOT / "runs" / "simulations" / args.config / algorithm
         cfg = RunConfig.from_mapping({**values, "algorithm": algorithm, "out-dir": str(out)})
         started = time.monotonic()
-        simulate(cfg)
-        wall = time.monotonic() - started
+        if not args.table_only:
+            simulate(cfg)
+        summary = json.loads((out / "summary.json").read_text())
+        wall = summary["wall_time_s"] if args.table_only else time.monotonic() - started
         per_round = cfg.clients_per_round
-        result = personalized(out)
+        result = personalized(out, cfg.inner_steps)
         rows.append(
             {
                 "algorithm": algorithm,
@@ -99,10 +112,12 @@ def main() -> None:
         ]
     )
     md = (
-        f"# {args.config}\n\nPersonalized {result['metric']} after {result['k']} adaptation "
-        f"steps at the final round (mean over clients; sd = spread over clients). Seen: the "
-        f"training clients' held-out data; unseen: clients never trained on. Before: the "
-        f"global model (0 steps). tasks = rounds x clients/round x local episodes.\n\n"
+        f"# {args.config}\n\nPersonalized {result['metric']} at the final round, mean over "
+        f"clients, after k adaptation steps on each client's support data (@0: the global "
+        f"model; @{cfg.inner_steps}: the steps used in training; @K: K={result['k']} steps; "
+        f"sd@K: spread over clients). Seen: the training clients' held-out data; unseen: "
+        f"clients never trained on. tasks = rounds x clients/round x local episodes; "
+        f"wall s: the simulation's wall time on 2 shared CPU cores.\n\n"
         f"{markdown_table(table)}\n\nReproduce (2 shared CPU cores, torch 2.13 CPU): "
         f"`{command}`\n"
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -210,14 +210,19 @@ def _train(
         if n == 0:
             return None
         theta = from_record(arrays)
-        curves = [
-            work.evaluation_curve(theta, work.source.client(i, "heldout"), i)[0] for i in range(n)
-        ]
+        curves, failed = [], 0
+        for i in range(n):
+            try:
+                curves.append(work.evaluation_curve(theta, work.source.client(i, "heldout"), i)[0])
+            except FedmamlError as exc:  # e.g. adaptation diverged on this task
+                failed += 1
+                log(WARNING, "fedmaml: central evaluation of held-out task %d failed: %s", i, exc)
         summary = {
-            f"central-{name}-{k}": sum(c[k][name] for c in curves) / n
-            for k in range(len(curves[0]))
+            f"central-{name}-{k}": sum(c[k][name] for c in curves) / len(curves)
+            for k in range(len(curves[0]) if curves else 0)
             for name in curves[0][k]
         }
+        summary["central-failed"] = failed
         recorder.round_values(offset + server_round, **summary)
         recorder.flush()
         return MetricRecord(summary)

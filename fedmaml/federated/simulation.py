@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from fedmaml.federated.processes import (
     stop_tree,
     wait_healthy,
 )
+from fedmaml.results import SUMMARY
 
 APP_DIR = Path(__file__).resolve().parents[2]
 
@@ -61,6 +63,7 @@ def simulate(
         )
     out_dir = Path(cfg.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     cfg = cfg.replace(
         out_dir=str(out_dir),
         resume=cfg.resume if cfg.resume in ("", "auto") else str(Path(cfg.resume).resolve()),
@@ -131,6 +134,9 @@ def simulate(
                 stop_tree(superlink)
     if runner.returncode != 0:
         raise FedmamlError(f"the Flower run failed (exit {runner.returncode}); see {log_path}")
+    summary = out_dir / SUMMARY
+    if app_config is None and not (summary.is_file() and summary.stat().st_mtime >= started):
+        raise FedmamlError(f"the ServerApp stopped before the end of the run; see {log_path}")
     return out_dir
 
 
