@@ -72,6 +72,7 @@ class RunConfig:
     device: str = "auto"
     batching: str = "auto"
     round_timeout: float = 600.0
+    personalize: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -188,7 +189,11 @@ class RunConfig:
 def _coerce(name: str, value: Any, kind: type) -> Any:
     try:
         if kind is bool:
-            return bool(value)
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
         if kind is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError

@@ -15,6 +15,7 @@ import torch
 from fedmaml.checkpoint import load_checkpoint
 from fedmaml.config import RunConfig
 from fedmaml.federated.simulation import SimulationOptions, simulate
+from fedmaml.personalize import load_personalized
 from fedmaml.workload import Workload
 
 pytestmark = pytest.mark.timeout(600)
@@ -49,7 +50,7 @@ def assert_params_close(actual, expected):
 
 
 def test_one_sgd_round_equals_one_centralized_maml_step(tmp_path):
-    cfg = small_config(tmp_path, "sgd")
+    cfg = small_config(tmp_path, "sgd", personalize=True)
     # one node more than there are clients: it cannot take part, and the run goes on
     out = simulate(cfg, SimulationOptions(num_supernodes=cfg.num_train_clients + 2))
     ckpt = load_checkpoint(out / "checkpoint.pt")
@@ -65,6 +66,15 @@ def test_one_sgd_round_equals_one_centralized_maml_step(tmp_path):
     assert rounds.loc[1, "ok"] == 5 and rounds.loc[1, "failed"] == 0
     # federated evaluation on the held-out client equals the server's central evaluation
     assert rounds.loc[1, "unseen-loss-1"] == pytest.approx(rounds.loc[1, "central-loss-1"])
+    # then every client personalized θ on its device, kept the model there, sent metrics only
+    personalized = clients[clients["phase"] == "personalize"]
+    assert len(personalized) == 6 and (personalized["status"] == "ok").all()
+    assert (personalized["mse-after"] < personalized["mse-before"]).mean() > 0.5
+    files = sorted((out / "personalized").glob("*.pt"))
+    assert [f.name for f in files] == ["heldout-0.pt", *(f"train-{i}.pt" for i in range(5))]
+    model = load_personalized(files[0])
+    assert model.predict(torch.zeros(3, 1)).shape[0] == 3
+    assert "personalized-unseen-mse-after" in rounds.columns
 
 
 def test_adam_three_rounds_then_resume_to_five(tmp_path):

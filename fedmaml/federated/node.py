@@ -67,6 +67,17 @@ def node_run_config(node_config: Mapping[str, Any], cfg: RunConfig) -> RunConfig
     return cfg.replace(device=str(node_config["device"]))
 
 
+def personalized_path(node_config: Mapping[str, Any], cfg: RunConfig, who: NodeIdentity) -> Path:
+    """Where this device keeps its personalized model: node config ``personalized-path``; in a
+    simulation (every node on one machine) ``out-dir/personalized/<role>-<index>.pt``; else
+    ``fedmaml-personalized.pt`` in the SuperNode's working directory."""
+    if "personalized-path" in node_config:
+        return Path(str(node_config["personalized-path"])).expanduser()
+    if "partition-id" in node_config:
+        return Path(cfg.out_dir) / "personalized" / f"{who.role}-{who.index}.pt"
+    return Path("fedmaml-personalized.pt").resolve()
+
+
 def load_client(node_config: Mapping[str, Any], cfg: RunConfig) -> tuple[NodeIdentity, ClientData]:
     """This node's identity and data (cached per process: a simulation actor keeps it)."""
     return _load(tuple(sorted(node_config.items())), cfg)

@@ -237,9 +237,16 @@ def _train(
         evaluate_fn=central_evaluation if _server_can_open_data(cfg) else None,
     )
     recorder.flush()
+    if cfg.personalize:
+        summary = strategy.personalize(grid, to_record(optimizer.current()))
+        recorder.round_values(
+            cfg.num_rounds, **{f"personalized-{k}": v for k, v in summary.items()}
+        )
+        recorder.flush()
+        log(INFO, "fedmaml: personalized on the devices: %s", summary)
 
 
 def _server_can_open_data(cfg: RunConfig) -> bool:
     """Central evaluation needs the held-out tasks on the server: synthetic families always,
     file-based ones when the data path exists on the server."""
-    return cfg.task == "sine" or Path(cfg.data_path).exists()
+    return cfg.task == "sine" or (bool(cfg.data_path) and Path(cfg.data_path).exists())

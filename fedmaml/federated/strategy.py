@@ -19,6 +19,7 @@ Evaluation (``configure_evaluate``) goes to a fixed sample of training and held-
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -39,6 +40,7 @@ from fedmaml.meta.params import Params
 from fedmaml.results import RunRecorder
 
 DESCRIBE = f"{MessageType.QUERY}.describe"
+PERSONALIZE = f"{MessageType.QUERY}.personalize"
 ID_KEYS = ("num-examples", "task-weight", "client-index", "heldout")
 
 
@@ -61,14 +63,14 @@ class NodeRoles:
         for reply in grid.send_and_receive(messages, timeout=self.timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                self.broken[node] = reply.error.reason
-                log(WARNING, "fedmaml: node %d cannot take part: %s", node, reply.error.reason)
+                self.broken[node] = error_reason(reply)
+                log(WARNING, "fedmaml: node %d cannot take part: %s", node, self.broken[node])
                 self.recorder.client_row(
                     round=meta_round,
                     phase="describe",
                     node_id=node,
                     status="error",
-                    reason=reply.error.reason,
+                    reason=self.broken[node],
                 )
                 continue
             info = reply.content["describe"]
@@ -236,7 +238,7 @@ class MetaStrategy(Strategy):
     def _problem(self, msg: Message) -> str | None:
         """Why a training reply cannot be used, or None."""
         if msg.has_error():
-            return f"client error: {msg.error.reason}"
+            return f"client error: {error_reason(msg)}"
         content = msg.content
         if list(content.array_records) != ["arrays"] or list(content.metric_records) != ["metrics"]:
             return "reply must hold one ArrayRecord 'arrays' and one MetricRecord 'metrics'"
@@ -317,38 +319,70 @@ class MetaStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         meta_round = self.meta_round(server_round)
-        groups: dict[str, list[dict[str, float]]] = {"seen": [], "unseen": []}
-        for m in replies:
-            node = m.metadata.src_node_id
-            row = {
-                "round": meta_round,
-                "phase": "evaluate",
-                "node_id": node,
-                "client": self.roles.index.get(node, -1),
-            }
-            if m.has_error():
-                log(
-                    WARNING,
-                    "fedmaml round %d: evaluation failed on node %d: %s",
-                    meta_round,
-                    node,
-                    m.error.reason,
-                )
-                self.recorder.client_row(**row, status="failed", reason=m.error.reason)
-                continue
-            metrics = _plain(dict(m.content["metrics"]))
-            self.recorder.client_row(**row, status="ok", **metrics)
-            groups["unseen" if metrics.get("heldout") else "seen"].append(metrics)
-        summary: dict[str, float] = {}
-        for group, rows in groups.items():
-            for key in rows[0] if rows else ():
-                if key not in ID_KEYS:
-                    summary[f"{group}-{key}"] = float(np.mean([r[key] for r in rows]))
+        summary = self._per_group(meta_round, "evaluate", replies)
         if not summary:
             return None
         self.recorder.round_values(meta_round, **summary)
         self.recorder.flush()
         return MetricRecord(summary)
+
+    def personalize(self, grid: Grid, arrays: ArrayRecord) -> dict[str, float]:
+        """Send θ to every client for on-device personalization (``query.personalize``); each
+        keeps its model and replies metrics only. Returns their means per group (seen/unseen)."""
+        meta_round = self.meta_round(self.num_rounds)
+        self.roles.refresh(grid, meta_round)
+        record = RecordDict({"arrays": arrays})
+        messages = [
+            Message(record, dst_node_id=n, message_type=PERSONALIZE)
+            for n in sorted(self.roles.role)
+        ]
+        replies = grid.send_and_receive(messages, timeout=self.roles.timeout)
+        summary = self._per_group(meta_round, "personalize", replies)
+        self.recorder.flush()
+        return summary
+
+    def _per_group(
+        self, meta_round: int, phase: str, replies: Iterable[Message]
+    ) -> dict[str, float]:
+        """Record every reply (or failure) of an evaluation-like phase; the mean of each metric
+        over the seen (training) and unseen (held-out) clients that replied."""
+        groups: dict[str, list[dict[str, float]]] = {"seen": [], "unseen": []}
+        for m in replies:
+            node = m.metadata.src_node_id
+            row = {
+                "round": meta_round,
+                "phase": phase,
+                "node_id": node,
+                "client": self.roles.index.get(node, -1),
+            }
+            if m.has_error():
+                reason = error_reason(m)
+                log(
+                    WARNING,
+                    "fedmaml round %d: %s failed on node %d: %s",
+                    meta_round,
+                    phase,
+                    node,
+                    reason,
+                )
+                self.recorder.client_row(**row, status="failed", reason=reason)
+                continue
+            metrics = _plain(dict(m.content["metrics"]))
+            self.recorder.client_row(**row, status="ok", **metrics)
+            groups["unseen" if metrics.get("heldout") else "seen"].append(metrics)
+        return {
+            f"{group}-{key}": float(np.mean([r[key] for r in rows]))
+            for group, rows in groups.items()
+            for key in (rows[0] if rows else ())
+            if key not in ID_KEYS
+        }
+
+
+def error_reason(reply: Message) -> str:
+    """A client's error as one line: Flower wraps it as "<class 'mod.Type'>:<'message'>"."""
+    reason = reply.error.reason
+    match = re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", reason, flags=re.DOTALL)
+    return f"{match.group(1)}: {match.group(2)}" if match else reason
 
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:
