@@ -165,3 +165,15 @@ def test_configure_train_sends_theta_but_aggregates_relative_to_zero(tmp_path):
     assert all(not a.numpy().any() for a in strategy._zero.values())
     record = to_record(THETA)
     assert isinstance(record, ArrayRecord) and set(record.keys()) == set(THETA)
+
+
+def test_weighted_aggregation_weights_clients_by_query_examples(tmp_path):
+    strategy, _, _, _ = make_strategy(tmp_path, FedAvg(weighted_by_key="num-examples"), lr=1.0)
+    g1, g2 = grads_like(1.0), grads_like(-2.0)
+    replies = [
+        reply(1, g1, extra_metrics={"num-examples": 30}),
+        reply(2, g2, extra_metrics={"num-examples": 10}),
+    ]
+    new = from_record(strategy.aggregate_train(1, replies)[0])
+    for k in THETA:
+        torch.testing.assert_close(new[k], THETA[k] - (30 * g1[k] + 10 * g2[k]) / 40)
