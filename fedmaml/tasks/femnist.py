@@ -161,6 +161,12 @@ def _checked_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
     return y
 
 
+def read_leaf_file(path: Path) -> dict[str, tuple[Tensor, Tensor]]:
+    """Every user of one LEAF JSON file as (x ink [n, 1, 28, 28], y long [n])."""
+    users = _leaf_users(_parse(path.read_bytes(), str(path)), str(path))
+    return {user: _stack(([x], [y])) for user, (x, y) in users.items()}
+
+
 def _stack(part: tuple[list, list]) -> tuple[Tensor, Tensor]:
     xs, ys = part
     if not xs:

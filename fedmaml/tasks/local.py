@@ -51,7 +51,7 @@ from fedmaml.errors import FedmamlError
 from fedmaml.tasks.episodes import ClientData, EpisodeSpec
 from fedmaml.tasks.partition import episode_problem, holdout_split
 from fedmaml.tasks.source import SPLITS
-from fedmaml.tasks.tables import _class_labels, read_table, table_to_tensors
+from fedmaml.tasks.tables import class_labels, read_table, table_to_tensors
 
 log = logging.getLogger(__name__)
 
@@ -216,9 +216,9 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_leaf(path: Path, user: str | None) -> tuple[Tensor, Tensor]:
-    from fedmaml.tasks.femnist import _leaf_users, _parse, _stack
+    from fedmaml.tasks.femnist import read_leaf_file
 
-    users = _leaf_users(_parse(path.read_bytes(), str(path)), str(path))
+    users = read_leaf_file(path)
     if user is None and len(users) == 1:
         user = next(iter(users))
     if user not in users:
@@ -228,7 +228,7 @@ def _read_leaf(path: Path, user: str | None) -> tuple[Tensor, Tensor]:
             f"{path}: the LEAF file holds {len(users)} users ({shown or 'none'}), {wanted}; "
             "name the device's user (node config user=ID, fedmaml client --user ID)"
         )
-    return _stack(([users[user][0]], [users[user][1]]))
+    return users[user]
 
 
 def _read_images(root: Path, input_shape: Sequence[int]) -> tuple[Tensor, np.ndarray]:
@@ -309,7 +309,7 @@ def _targets(y: np.ndarray, num_classes: int | None, source: str) -> Tensor:
         classification = num_classes > 0
     if not classification:
         return torch.from_numpy(values.astype(np.float32)).unsqueeze(1)
-    return _class_labels(values, num_classes or None, "y", source)
+    return class_labels(values, num_classes or None, "y", source)
 
 
 def _reshaped(x: Tensor, input_shape: Sequence[int], source: str) -> Tensor:

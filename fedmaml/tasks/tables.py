@@ -86,7 +86,7 @@ def table_to_tensors(
         classification = _integer_labels(df, label_column)
     if not classification:
         return torch.from_numpy(x), torch.from_numpy(labels.astype(np.float32)).unsqueeze(1)
-    return torch.from_numpy(x), _class_labels(labels, num_classes, label_column, source)
+    return torch.from_numpy(x), class_labels(labels, num_classes, label_column, source)
 
 
 def resolve_features(
@@ -178,7 +178,7 @@ def _integer_labels(df: pd.DataFrame, column: str) -> bool:
     return bool(pd.api.types.is_integer_dtype(series) or pd.api.types.is_bool_dtype(series))
 
 
-def _class_labels(labels: np.ndarray, num_classes: int | None, column: str, source: str) -> Tensor:
+def class_labels(labels: np.ndarray, num_classes: int | None, column: str, source: str) -> Tensor:
     whole = labels == np.round(labels)
     limit = np.inf if num_classes is None else num_classes
     bad = np.unique(labels[~whole | (labels < 0) | (labels >= limit)])
