@@ -76,11 +76,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "trivial_app"))
 
 from trivialapp import client_app as trivial_client
 
-from fedmaml.checkpoint import Checkpoint, save_checkpoint
+from fedmaml.checkpoint import Checkpoint, CheckpointSaver, save_checkpoint
 from fedmaml.config import RunConfig
 from fedmaml.federated import client_app as fedmaml_client
 from fedmaml.federated.records import to_record
-from fedmaml.federated.server_app import CheckpointSaver, build_aggregator
+from fedmaml.federated.server_app import build_aggregator
 from fedmaml.federated.simulation import SimulationOptions, simulate
 from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.meta.outer import MetaOptimizer

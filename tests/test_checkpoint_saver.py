@@ -8,9 +8,8 @@ import threading
 import pytest
 import torch
 
-from fedmaml.checkpoint import Checkpoint, load_checkpoint
+from fedmaml.checkpoint import Checkpoint, CheckpointSaver, load_checkpoint
 from fedmaml.errors import FedmamlError
-from fedmaml.federated.server_app import CheckpointSaver
 from fedmaml.meta.outer import MetaOptimizer
 
 THETA = {"w": torch.tensor([[1.0, -2.0], [0.5, 3.0]]), "b": torch.tensor([0.25, -0.75])}

@@ -9,9 +9,7 @@ after every meta-update (atomic), ``rounds.csv``, ``clients.csv``, ``summary.jso
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedmaml.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedmaml.checkpoint import Checkpoint, CheckpointSaver, load_checkpoint
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.federated.records import from_record, run_config, to_record
@@ -74,41 +72,6 @@ def build_aggregator(cfg: RunConfig) -> Strategy:
             num_sampled_clients=cfg.clients_per_round,
         )
     return aggregator
-
-
-class CheckpointSaver:
-    """Writes checkpoints on one background thread while the next round runs (a save costs
-    milliseconds, mostly ``fsync``, on every round's critical path otherwise).
-
-    Saves happen in order and never overlap: each waits for the previous one, which has had a
-    whole round to finish, so a failed save is raised by the next ``save`` or by ``close``.
-    The checkpoint is a snapshot: later meta-updates do not change what is written.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmaml-checkpoint")
-        self._pending: Future | None = None
-
-    def save(self, ckpt: Checkpoint) -> None:
-        self.wait()
-        ckpt = copy.copy(ckpt)
-        ckpt.params = {k: v.detach().clone() for k, v in ckpt.params.items()}
-        ckpt.optimizer_state = copy.deepcopy(ckpt.optimizer_state)
-        self._pending = self._pool.submit(save_checkpoint, self.path, ckpt)
-
-    def close(self) -> None:
-        """Wait for the last save (raising its error, if any) and stop the thread."""
-        try:
-            self.wait()
-        finally:
-            self._pool.shutdown(wait=True)
-
-    def wait(self) -> None:
-        """Wait for the pending save, if any; raise its error."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
 
 
 def resume_path(cfg: RunConfig) -> str:
