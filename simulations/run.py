@@ -1,7 +1,8 @@
 """Run one ready simulation config for each algorithm and write its results table.
 
     .venv/bin/python simulations/run.py sine
-    .venv/bin/python simulations/run.py omniglot_5way_1shot --algorithms maml fedavg --set num-rounds=100
+    .venv/bin/python simulations/run.py omniglot_5way_1shot --algorithms maml fedavg \
+        --set num-rounds=100
 
 Each algorithm runs as a real Flower simulation (``fedmaml.federated.simulation.simulate``)
 into ``runs/simulations/<config>/<algorithm>/``; the table in
