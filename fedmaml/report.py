@@ -76,13 +76,20 @@ def plot_learning_curves(rounds: pd.DataFrame, path: Path) -> Path:
 
     metric = metric_name(rounds)
     fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
+    window = max(1, len(rounds) // 30)
     for col, label in (
         ("train-loss-before", "before adaptation"),
         ("train-loss-after", "after adaptation"),
     ):
         if col in rounds:
-            ax_train.plot(rounds["round"], rounds[col], label=label)
-    ax_train.set(title="training clients: query loss", xlabel="round", ylabel="loss")
+            (line,) = ax_train.plot(rounds["round"], rounds[col], alpha=0.25)
+            smooth = rounds[col].rolling(window, min_periods=1).mean()
+            ax_train.plot(rounds["round"], smooth, color=line.get_color(), label=label)
+    ax_train.set(
+        title=f"training clients: query loss (mean of {window} rounds)",
+        xlabel="round",
+        ylabel="loss",
+    )
     ax_train.legend()
     for prefix, style in (("seen", "-"), ("unseen", "--"), ("central", ":")):
         steps = steps_evaluated(rounds, prefix, metric)

@@ -3,6 +3,7 @@ directory's ``rounds.csv`` while Flower runs (the run's own log goes to ``flower
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ class RoundProgress:
         self.out_dir = out_dir.resolve()
         self.num_rounds = num_rounds
         self.quiet = quiet
-        self.console = Console(stderr=False, highlight=False)
+        # a log file or pipe gets lines wide enough for the results table
+        self.console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
         self.shown = 0
         self.started = time.monotonic()
         self._mtime = 0.0
