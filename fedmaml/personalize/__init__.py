@@ -1,0 +1,45 @@
+"""Per-user personalization: adapt the global meta-parameters θ to one user's own data.
+
+A user's examples are split into a support set S (to adapt on) and an evaluation set E (held
+out from adaptation). From θ, K plain gradient steps on S give the personalized parameters:
+
+    θ'_0 = θ,   θ'_{k+1} = θ'_k − α ⊙ ∇_θ' L_S(θ'_k),   k = 0..K−1
+
+α is the checkpoint's learned per-parameter step size when it has ``inner_lr.<name>`` keys
+(Meta-SGD), else one scalar ``lr`` (default: the checkpoint's ``inner-lr``); an explicit ``lr``
+replaces learned step sizes. The metric m is the MSE (regression: a model with one output) or
+the accuracy (classification: one output per class) on E, computed for every k = 0..K (the
+adaptation curve of :func:`fedmaml.meta.evaluate.adaptation_curve`):
+
+    metric_before = m(θ; E),   metric_after = m(θ'_K; E)
+    gain = metric_before − metric_after   (MSE: lower is better)
+    gain = metric_after − metric_before   (accuracy: higher is better)
+
+so a positive gain always means personalization helped. The personalized model holds θ'_K only;
+learned step sizes are a training-time quantity and are not saved with it.
+
+:func:`personalize` handles one user, :func:`personalize_many` a population (a table with a user
+column, a folder of one table per user, or in-memory clients), batching users of equal data
+shapes with ``torch.func.vmap``; :func:`personalize_client` is the on-device entry point that
+returns metrics only.
+
+Modules: ``global_model`` (the checkpoint to personalize), ``user_data`` (checks and the
+support/evaluation split), ``adapt`` (the adaptation curves, one user or a vmapped batch),
+``model`` (the :class:`Personalized` result, saving and loading it), ``tables`` (users read from
+tables), ``one_user``, ``many_users`` and ``on_device`` (the entry points), ``plot``.
+"""
+
+from fedmaml.personalize.many_users import personalize_many
+from fedmaml.personalize.model import Personalized, load_personalized
+from fedmaml.personalize.on_device import personalize_client
+from fedmaml.personalize.one_user import personalize
+from fedmaml.personalize.plot import plot_gain
+
+__all__ = [
+    "Personalized",
+    "load_personalized",
+    "personalize",
+    "personalize_client",
+    "personalize_many",
+    "plot_gain",
+]

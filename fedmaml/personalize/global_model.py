@@ -1,0 +1,121 @@
+"""The global model to personalize: a checkpoint (or model and θ) opened and checked, with the
+defaults it gives for the number of steps K and the step size α."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from torch import Tensor, nn
+
+from fedmaml.checkpoint import Checkpoint, load_checkpoint
+from fedmaml.errors import FedmamlError
+from fedmaml.meta import validate
+from fedmaml.meta.params import INNER_LR_PREFIX, InnerLR, Params, split_inner_lrs
+from fedmaml.personalize.model import SECTION
+
+Source = str | os.PathLike | Checkpoint | tuple[nn.Module, Mapping[str, Tensor]]
+DEFAULT_STEPS = 5
+DEFAULT_LR = 0.01
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """The model to personalize: architecture, θ, learned α (maybe empty) and its provenance."""
+
+    model: nn.Module
+    theta: Params
+    alpha: Params
+    name: str | None
+    kwargs: dict[str, int]
+    config: dict[str, Any]
+    round: int
+
+    @cached_property
+    def num_outputs(self) -> int | None:
+        """Outputs of the last linear layer: 1 means regression, C > 1 a C-class classifier."""
+        last = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
+        return last[-1].out_features if last else None
+
+    @cached_property
+    def in_features(self) -> int | None:
+        """Features the first layer takes when it is linear (tabular models), else None."""
+        first = next((m for m in self.model.modules() if list(m.parameters(recurse=False))), None)
+        return first.in_features if isinstance(first, nn.Linear) else None
+
+    def defaults(self, steps: int | None, lr: float | None) -> tuple[int, InnerLR, float | None]:
+        """(K, α as used, the scalar lr or None when learned step sizes are used)."""
+        k = steps if steps is not None else int(self.config.get("eval-steps", DEFAULT_STEPS))
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise FedmamlError(
+                f"the number of adaptation steps must be an integer >= 1 (got {k!r})"
+            )
+        if lr is None and self.alpha:
+            return k, self.alpha, None
+        rate = float(self.config.get("inner-lr", DEFAULT_LR)) if lr is None else lr
+        validate.check_inner_lr(rate)
+        return k, float(rate), float(rate)
+
+
+def resolve_global(source: Source | GlobalModel) -> GlobalModel:
+    """Open a checkpoint path, a :class:`Checkpoint` or a ``(model, params)`` pair, and check
+    that the parameters fit the architecture. Personalization runs on the CPU: a user's few
+    steps are cheap, and the result must load anywhere."""
+    if isinstance(source, GlobalModel):
+        return source
+    if isinstance(source, str | os.PathLike):
+        where = f"checkpoint {source}"
+        source = load_checkpoint(source)
+    elif isinstance(source, Checkpoint):
+        where = f"checkpoint of model {source.model!r}"
+    else:
+        where = "the given (model, params)"
+    if isinstance(source, Checkpoint):
+        if SECTION in source.config:
+            raise FedmamlError(
+                f"{where} is already a personalized model; personalize from the global "
+                "checkpoint written by training (e.g. RUN_DIR/checkpoint.pt)"
+            )
+        model, params = source.build_model(), source.params
+        name, kwargs, config, rnd = (
+            source.model,
+            dict(source.model_kwargs),
+            source.config,
+            source.round,
+        )
+    elif (
+        isinstance(source, tuple)
+        and len(source) == 2
+        and isinstance(source[0], nn.Module)
+        and isinstance(source[1], Mapping)
+    ):
+        model, params = source
+        name, kwargs, config, rnd = None, {}, {}, 0
+    else:
+        raise FedmamlError(
+            "checkpoint_or_model must be a checkpoint path, a Checkpoint or a (model, params) "
+            f"pair (got {type(source).__name__})"
+        )
+    theta, alpha = split_inner_lrs(params)
+    try:
+        validate.check_params(model, theta)
+    except FedmamlError as exc:
+        raise FedmamlError(f"{where}: {exc}") from None
+    wrong = [k for k, a in alpha.items() if k not in theta or a.shape != theta[k].shape]
+    if wrong:
+        raise FedmamlError(
+            f"{where}: learned step sizes {[INNER_LR_PREFIX + k for k in wrong]} do not match the "
+            "model's parameters; the checkpoint is damaged, use another one"
+        )
+    return GlobalModel(
+        model=model,
+        theta={k: v.detach().cpu() for k, v in theta.items()},
+        alpha={k: v.detach().cpu() for k, v in alpha.items()},
+        name=name,
+        kwargs=kwargs,
+        config=dict(config),
+        round=int(rnd),
+    )
