@@ -3,13 +3,14 @@
 What ``fedmaml client``, the deployment tests and the latency benchmark share (docs/deployment.md
 gives the same steps as shell commands):
 
-* :func:`superlink_command`, :func:`supernode_command`: the argv of ``flower-superlink`` and
-  ``flower-supernode``: over TLS, optionally with SuperNode authentication
-  (``--enable-supernode-auth`` on the SuperLink, ``--auth-supernode-private-key`` on each
-  SuperNode, keys registered with ``flwr supernode register``), or insecure for local testing;
+* :func:`supernode_command` (and ``processes.superlink_command``): the argv of
+  ``flower-supernode`` and ``flower-superlink``: over TLS, optionally with SuperNode
+  authentication (``--enable-supernode-auth`` on the SuperLink,
+  ``--auth-supernode-private-key`` on each SuperNode, keys registered with
+  ``flwr supernode register``), or insecure for local testing;
 * :func:`node_config_text`: a ``--node-config`` string from a mapping (TOML values);
-* :func:`write_connection`: a named SuperLink connection in ``$FLWR_HOME/config.toml``, the
-  target of ``flwr run <app> <connection>``;
+* ``processes.write_connection``: a named SuperLink connection in ``$FLWR_HOME/config.toml``,
+  the target of ``flwr run <app> <connection>``;
 * :class:`LocalFederation`: a SuperLink and SuperNodes on this machine (free ports, readiness
   on ``/health``, one log per process, stops by pid), and ``flwr`` commands against it.
 """
@@ -29,16 +30,17 @@ import tomli_w
 
 from fedmaml.errors import FedmamlError
 from fedmaml.federated.processes import (
+    CONNECTION,
     descendants,
     flower_bin,
     flower_env,
     free_port,
     stop_tree,
+    superlink_command,
     wait_healthy,
+    write_connection,
 )
 from fedmaml.federated.simulation import APP_DIR
-
-CONNECTION = "fedmaml"
 
 
 def node_config_text(values: Mapping[str, Any]) -> str:
@@ -51,44 +53,6 @@ def node_config_text(values: Mapping[str, Any]) -> str:
             raise FedmamlError(f"node config {key}={value!r}: values cannot hold double quotes")
         parts.append(f"{key}={tomli_w.dumps({'v': value}).partition('=')[2].strip()}")
     return " ".join(parts)
-
-
-def superlink_command(
-    port: int,
-    *,
-    host: str = "127.0.0.1",
-    ca_cert: Path | None = None,
-    cert: Path | None = None,
-    key: Path | None = None,
-    supernode_auth: bool = False,
-    database: Path | None = None,
-) -> list[str]:
-    """``flower-superlink`` serving Fleet, Control and Runtime APIs on ``host:port``: TLS when
-    the certificate files are given, insecure otherwise (local testing only). ``database``
-    keeps runs and registered SuperNodes across restarts."""
-    tls = (ca_cert, cert, key)
-    if any(tls) and not all(tls):
-        raise FedmamlError("TLS needs all three of the CA certificate, certificate and key")
-    if supernode_auth and not all(tls):
-        raise FedmamlError("SuperNode authentication needs TLS: give the SuperLink certificates")
-    cmd = [
-        flower_bin("flower-superlink"),
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--disable-runtime-dependency-installation",
-    ]
-    if all(tls):
-        cmd += ["--ssl-ca-certfile", str(ca_cert), "--ssl-certfile", str(cert)]
-        cmd += ["--ssl-keyfile", str(key)]
-    else:
-        cmd.append("--insecure")
-    if supernode_auth:
-        cmd.append("--enable-supernode-auth")
-    if database is not None:
-        cmd += ["--database", str(database)]
-    return cmd
 
 
 def supernode_command(
@@ -122,22 +86,6 @@ def supernode_command(
     if node_config:
         cmd += ["--node-config", node_config_text(node_config)]
     return cmd
-
-
-def write_connection(
-    home: Path, address: str, *, name: str = CONNECTION, root_certificates: Path | None = None
-) -> Path:
-    """``$FLWR_HOME/config.toml`` (created or replaced) with one connection ``name`` to
-    ``address``, the default: TLS verified against ``root_certificates``, else insecure."""
-    entry: dict[str, Any] = {"address": address}
-    if root_certificates is None:
-        entry["insecure"] = True
-    else:
-        entry["root-certificates"] = str(Path(root_certificates).resolve())
-    home.mkdir(parents=True, exist_ok=True)
-    path = home / "config.toml"
-    path.write_text(tomli_w.dumps({"superlink": {"default": name, name: entry}}))
-    return path
 
 
 class LocalFederation:

@@ -23,11 +23,14 @@ import tomli_w
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.federated.processes import (
+    CONNECTION,
     flower_bin,
     flower_env,
     free_port,
     stop_tree,
+    superlink_command,
     wait_healthy,
+    write_connection,
 )
 from fedmaml.results import SUMMARY
 
@@ -80,26 +83,10 @@ def simulate(
         run_config.write_bytes(tomli_w.dumps(mapping).encode())
         port = free_port()
         env = flower_env(home)
-        (Path(home) / "config.toml").write_text(
-            '[superlink]\ndefault = "fedmaml"\n\n[superlink.fedmaml]\n'
-            f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-        )
+        write_connection(Path(home), f"127.0.0.1:{port}")
         with open(log_path, "w") as log:
             superlink = subprocess.Popen(
-                [
-                    flower_bin("flower-superlink"),
-                    "--insecure",
-                    "--simulation",
-                    "--isolation",
-                    "subprocess",
-                    "--disable-runtime-dependency-installation",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--health-server-address",
-                    f"127.0.0.1:{free_port()}",
-                ],
+                superlink_command(port, simulation=True),
                 env=env,
                 cwd=home,
                 stdout=log,
@@ -117,7 +104,7 @@ def simulate(
                         flower_bin("flwr"),
                         "run",
                         str(app_dir),
-                        "fedmaml",
+                        CONNECTION,
                         "--stream",
                         "--run-config",
                         str(run_config),
