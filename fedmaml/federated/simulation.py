@@ -9,9 +9,9 @@ user's ``~/.flwr`` and pyproject.toml are never touched.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -128,19 +128,13 @@ def simulate(
 
 
 def _wait(process: subprocess.Popen, timeout: float, on_poll: Callable[[], None] | None) -> None:
-    done = threading.Event()
-    timer = threading.Timer(timeout, done.set)
-    timer.start()
-    try:
-        while process.poll() is None:
-            if done.is_set():
-                stop_tree(process)
-                raise FedmamlError(f"the simulation did not finish within {timeout:.0f} s")
-            if on_poll:
-                on_poll()
-            try:
-                process.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                continue
-    finally:
-        timer.cancel()
+    """Wait for ``process``, calling ``on_poll`` about once a second; stop it after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        if time.monotonic() > deadline:
+            stop_tree(process)
+            raise FedmamlError(f"the simulation did not finish within {timeout:.0f} s")
+        if on_poll:
+            on_poll()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=1.0)
