@@ -22,6 +22,7 @@ AGGREGATIONS = ("uniform", "weighted")
 AGGREGATORS = ("mean", "median", "trimmed-mean", "krum")
 DEVICES = ("auto", "cpu", "cuda")
 BATCHING = ("auto", "vmap", "loop")
+PARTITIONS = ("iid", "dirichlet", "pathological")
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "task": TASKS,
@@ -30,6 +31,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "aggregation": AGGREGATIONS,
     "aggregator": AGGREGATORS,
     "batching": BATCHING,
+    "partition": PARTITIONS,
 }
 
 
@@ -42,6 +44,10 @@ class RunConfig:
     label_column: str = "label"
     user_column: str = "user"
     feature_columns: str = ""
+    partition: str = "iid"
+    partition_alpha: float = 0.5
+    partition_classes: int = 2
+    cache_dir: str = ""
     input_shape: str = ""
     num_classes: int = 0
     model: str = ""
@@ -92,6 +98,7 @@ class RunConfig:
             "local_episodes",
             "eval_every",
             "eval_clients",
+            "partition_classes",
         ):
             if getattr(self, name) < 1:
                 raise _bad(name, getattr(self, name), "an integer >= 1")
@@ -100,7 +107,7 @@ class RunConfig:
                 raise _bad(name, getattr(self, name), "an integer >= 0")
         if self.ways == 1:
             raise _bad("ways", 1, "0 (use the data's own labels) or an integer >= 2")
-        for name in ("inner_lr", "meta_lr"):
+        for name in ("inner_lr", "meta_lr", "partition_alpha"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise _bad(name, getattr(self, name), "a finite number > 0")
         if not 0 < self.fraction_train <= 1:

@@ -142,13 +142,19 @@ def test_rotate_classes_labels():
     assert torch.equal(rx[2, 0], torch.rot90(x[0], 1))
 
 
-def test_tiny_npz_with_csv_and_cache(tmp_path):
+def _tiny_npz(root: Path) -> np.ndarray:
+    """Two background alphabets (2 and 3 characters of 20 drawings) as npz + csv."""
     rng = np.random.default_rng(1)
     images = np.stack([np.stack([_drawing(rng) for _ in range(20)]) for _ in range(5)])
-    np.savez_compressed(tmp_path / "images_background.npz", images=images, labels=np.zeros((5, 20)))
-    (tmp_path / "omniglot_alphabets.csv").write_text(
+    np.savez_compressed(root / "images_background.npz", images=images, labels=np.zeros((5, 20)))
+    (root / "omniglot_alphabets.csv").write_text(
         "alphabet,split,npz_first_index,npz_last_index\nOne,background,0,1\nTwo,background,2,4\n"
     )
+    return images
+
+
+def test_tiny_npz_with_csv_and_cache(tmp_path):
+    images = _tiny_npz(tmp_path)
     src = OmniglotSource(tmp_path, num_heldout_clients=1, seed=3, cache_dir=tmp_path / "cache")
     assert sorted(src.client_ids() + src.client_ids("heldout")) == ["One", "Two"]
     two = OmniglotSource(tmp_path, num_heldout_clients=0).client(1)
@@ -160,6 +166,28 @@ def test_tiny_npz_with_csv_and_cache(tmp_path):
     # area averaging keeps the amount of ink: sum(ink at 28) * (105 / 28)^2 ~ ink pixels at 105
     ink_pixels = float((~images[2, 0]).sum())
     assert abs(float(cached[0].sum()) * (105 / 28) ** 2 - ink_pixels) / ink_pixels < 0.05
+
+
+def test_cache_dir_run_config_key_reaches_the_loader(tmp_path):
+    from fedmaml.config import RunConfig
+    from fedmaml.tasks.registry import open_source
+
+    _tiny_npz(tmp_path)
+    cache = tmp_path / "cache"
+    cfg = RunConfig.from_mapping(
+        {
+            "task": "omniglot",
+            "data-path": str(tmp_path),
+            "cache-dir": str(cache),
+            "num-heldout-clients": 0,
+            "ways": 5,
+            "support-size": 1,
+            "query-size": 1,
+        }
+    )
+    src = open_source(cfg)
+    src.client(0)
+    assert len(list(cache.glob("omniglot-*-28-*.npy"))) == 1
 
 
 @pytest.mark.parametrize(

@@ -185,6 +185,46 @@ def test_open_source_table(tmp_path):
         open_source(cfg.replace(data_path=str(tmp_path / "nope.csv")))
 
 
+def test_run_config_partitions_a_table_without_users(tmp_path):
+    """The partition keys reach flwr-datasets: pathological with one class per client gives
+    single-label clients; Dirichlet with a small alpha gives clients dominated by one label
+    (on average), unlike iid."""
+    from fedmaml.config import RunConfig
+    from fedmaml.tasks.registry import open_source
+
+    path = tmp_path / "rows.csv"
+    _users_frame(900).drop(columns="user").to_csv(path, index=False)
+    base = {
+        "task": "table",
+        "data-path": str(path),
+        "user-column": "",
+        "num-train-clients": 4,
+        "num-heldout-clients": 2,
+        "support-size": 2,
+        "query-size": 2,
+    }
+
+    def top_label_shares(extra: dict) -> list[float]:
+        src = open_source(RunConfig.from_mapping({**base, **extra}))
+        assert src.num_clients("heldout") == 2 and src.num_clients("train") >= 3  # <= 1 too small
+        shares = []
+        for split in ("train", "heldout"):
+            for i in range(src.num_clients(split)):
+                c = src.client(i, split)
+                labels = torch.cat([c.y, c.y_test])
+                shares.append(torch.bincount(labels).max().item() / len(labels))
+        return shares
+
+    assert min(top_label_shares({"partition": "pathological", "partition-classes": 1})) == 1.0
+    skewed = top_label_shares({"partition": "dirichlet", "partition-alpha": 0.1})
+    iid = top_label_shares({})
+    assert np.mean(skewed) > 0.6 > 0.45 > np.mean(iid)
+    with pytest.raises(FedmamlError, match="'partition'"):
+        RunConfig.from_mapping({**base, "partition": "random"})
+    with pytest.raises(FedmamlError, match="'partition-alpha'"):
+        RunConfig.from_mapping({**base, "partition-alpha": 0})
+
+
 def test_table_source_label_skewed_partition():
     df = _users_frame(600).drop(columns="user")
     src = TableSource(

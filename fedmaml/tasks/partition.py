@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedmaml.config import PARTITIONS
 from fedmaml.errors import FedmamlError
 from fedmaml.tasks.episodes import ClientData, EpisodeSpec, sample_episode
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCHEMES = ("iid", "dirichlet", "pathological")
+SCHEMES = PARTITIONS
 _ROW = "__fedmaml_row__"
 
 

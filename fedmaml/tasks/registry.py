@@ -15,7 +15,7 @@ from fedmaml.tasks.local import LocalSource
 from fedmaml.tasks.omniglot import OmniglotSource
 from fedmaml.tasks.sine import SineFamily
 from fedmaml.tasks.source import TaskSource
-from fedmaml.tasks.tables import TableSource
+from fedmaml.tasks.tables import RowPartition, TableSource
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "mse": F.mse_loss,
@@ -39,6 +39,7 @@ def open_source(cfg: RunConfig) -> TaskSource:
             num_train_clients=cfg.num_train_clients,
             num_heldout_clients=cfg.num_heldout_clients,
             spec=episode_spec(cfg),
+            cache_dir=cfg.cache_dir or None,
         )
     if cfg.task == "femnist":
         return FemnistSource.from_path(
@@ -58,6 +59,11 @@ def open_source(cfg: RunConfig) -> TaskSource:
             num_heldout_clients=cfg.num_heldout_clients,
             num_train_clients=cfg.num_train_clients,
             spec=episode_spec(cfg),
+            partition=RowPartition(
+                scheme=cfg.partition,
+                alpha=cfg.partition_alpha,
+                classes_per_partition=cfg.partition_classes,
+            ),
         )
     if cfg.task == "local":
         return LocalSource(cfg.model_name, cfg.input_dims, cfg.num_classes, cfg.ways)
