@@ -14,15 +14,20 @@ and first order (fomaml), with 1 and 5 inner steps.
 Speed: the implementations are timed alternately in one process (A B, B A, A B, ...), so that
 load from other processes hits both alike; the table gives median tasks per second (wall
 clock), and each ratio is the median of the ratios of samples taken back to back, on the wall
-clock and on this process's CPU time (``time.process_time``). With 1 torch thread the CPU-time
-ratio is the steadier one on a shared machine: time the process spends descheduled while other
-jobs run does not count. Each sample runs enough
+clock and on this process's CPU time (``time.process_time``), with a 95% percentile-bootstrap
+interval; "verdict" says "faster" or "slower" only when the whole interval lies above or below
+1. With 1 torch thread the CPU-time ratio is the steadier one on a shared machine: time the
+process spends descheduled while other jobs run does not count. Each sample runs enough
 meta-batches to last about 30 ms. Before timing, both gradients are checked to agree, so the
-benchmark never compares wrong code. fedmaml is timed as users call it (with the query metrics
-before adaptation: a no-grad forward of every query set at θ, which the reference does not
-compute) and with ``metrics_before=False`` (the meta-gradient alone). A second table times
-fedmaml's two engines (vmap and loop) against each other, with conv4 and the LEAF FEMNIST CNN
-on the same episodes: the numbers behind ``prefers_vmap``.
+benchmark never compares wrong code. Two like-for-like comparisons: the meta-gradient
+(fedmaml with ``metrics_before=False``, which still returns the query loss and accuracy after
+adaptation, against the bare reference), and fedmaml's default call, which also returns the
+query loss and accuracy *before* adaptation (a no-grad forward of every query set at θ), against
+the reference computing the same metrics the plain way (``with_metrics=True``; the two sets of
+metrics are checked to agree). A last ratio prices those pre-adaptation metrics: fedmaml's
+default call against the bare reference. A second table times fedmaml's two engines (vmap and loop)
+against each other, with conv4 and the LEAF FEMNIST CNN on the same episodes: the numbers
+behind ``prefers_vmap``.
 
 Memory: every (configuration, implementation) runs in a fresh subprocess. After one warm-up
 call, the process's resident-set high-water mark is reset (``/proc/self/clear_refs``) and one more
@@ -39,6 +44,7 @@ import gc
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -109,16 +115,23 @@ def make_workload(name: str, n_tasks: int) -> Workload:
 def runner(work: Workload, impl: str, algorithm: str, steps: int) -> Callable[[], Grads]:
     """A no-argument call computing the meta-gradient of the whole meta-batch."""
     params = {k: v.detach() for k, v in work.model.named_parameters()}
-    if impl == "reference":
-        return lambda: reference_meta_gradient(
-            work.model,
-            params,
-            work.tasks,
-            loss_fn=work.loss_fn,
-            inner_steps=steps,
-            inner_lr=work.inner_lr,
-            first_order=algorithm == "fomaml",
-        )
+    if impl in ("reference", "reference-full"):
+        full = impl == "reference-full"
+
+        def reference() -> Grads:
+            out = reference_meta_gradient(
+                work.model,
+                params,
+                work.tasks,
+                loss_fn=work.loss_fn,
+                inner_steps=steps,
+                inner_lr=work.inner_lr,
+                first_order=algorithm == "fomaml",
+                with_metrics=full,
+            )
+            return out[0] if full else out  # type: ignore[return-value]
+
+        return reference
     supports = [s for s, _ in work.tasks]
     queries = [q for _, q in work.tasks]
     batching = impl if impl in ("loop", "vmap") else "auto"
@@ -132,7 +145,7 @@ def runner(work: Workload, impl: str, algorithm: str, steps: int) -> Callable[[]
         inner_steps=steps,
         inner_lr=work.inner_lr,
         batching=batching,
-        metrics_before=impl != "fedmaml-lean",
+        metrics_before=impl == "fedmaml-full",
     )[0]
 
 
@@ -185,6 +198,27 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
     """Median over repeats of num_r / den_r: each ratio compares samples taken back to back,
     which is steadier on a loaded machine than a ratio of medians."""
     return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
+def ratio_interval(num: list[float], den: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval (2,000 resamples, seeded) of ``paired_ratio``."""
+    ratios = [a / b for a, b in zip(num, den, strict=True)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+    tail = (1 - level) / 2
+    return medians[int(tail * len(medians))], medians[int((1 - tail) * len(medians)) - 1]
+
+
+def speed_cell(num: list[float], den: list[float]) -> str:
+    """The paired median ratio and its 95% bootstrap interval, e.g. "1.02x (0.97-1.06)"."""
+    low, high = ratio_interval(num, den)
+    return f"{paired_ratio(num, den):.2f}x ({low:.2f}-{high:.2f})"
+
+
+def verdict(num: list[float], den: list[float]) -> str:
+    """faster / slower when the whole 95% interval is above / below 1, else "same"."""
+    low, high = ratio_interval(num, den)
+    return "faster" if low > 1 else "slower" if high < 1 else "same"
 
 
 # --------------------------------------------------------------------------- memory
@@ -249,10 +283,12 @@ def memory_pair(
 def against_reference(args: argparse.Namespace, plan: list[tuple[str, int]]) -> list[str]:
     rows = [
         "| workload | algorithm | inner steps | tasks | fedmaml engine | fedmaml tasks/s "
-        "| reference tasks/s | speed fedmaml/ref (wall) | speed fedmaml/ref (CPU time) "
-        "| without pre-adaptation metrics: fedmaml/ref (CPU time) "
+        "| reference tasks/s | meta-gradient: fedmaml/ref (CPU time, 95% CI) | verdict "
+        "| meta-gradient: fedmaml/ref (wall) "
+        "| with pre-adaptation metrics, both: fedmaml/ref (CPU time, 95% CI) | verdict "
+        "| fedmaml default call / bare reference (CPU time) "
         "| fedmaml peak MiB | reference peak MiB | memory fedmaml/ref |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for name, n in plan:
         work = make_workload(name, n)
@@ -260,22 +296,57 @@ def against_reference(args: argparse.Namespace, plan: list[tuple[str, int]]) -> 
         for steps in args.steps:
             for algorithm in ALGORITHMS:
                 ours = runner(work, "fedmaml", algorithm, steps)
-                lean = runner(work, "fedmaml-lean", algorithm, steps)
                 ref = runner(work, "reference", algorithm, steps)
+                full = runner(work, "fedmaml-full", algorithm, steps)
+                ref_full = runner(work, "reference-full", algorithm, steps)
                 check_agree(ours(), ref(), f"{name} {algorithm} K={steps}")
-                s_ours, s_ref, s_lean = interleaved([ours, ref, lean], args.repeats)
+                check_same_metrics(work, algorithm, steps)
+                s_ours, s_ref, s_full, s_ref_full = interleaved(
+                    [ours, ref, full, ref_full], args.repeats
+                )
                 t_ours, t_ref = statistics.median(s_ours.wall), statistics.median(s_ref.wall)
-                share = f"{paired_ratio(s_ref.cpu, s_lean.cpu):.2f}x"
                 mem = memory_pair(args, name, n, ("fedmaml", "reference"), algorithm, steps)
                 row = (
                     f"| {name} | {algorithm} | {steps} | {n} | {engine} | {n / t_ours:.1f} "
-                    f"| {n / t_ref:.1f} | {paired_ratio(s_ref.wall, s_ours.wall):.2f}x "
-                    f"| {paired_ratio(s_ref.cpu, s_ours.cpu):.2f}x | {share} "
+                    f"| {n / t_ref:.1f} | {speed_cell(s_ref.cpu, s_ours.cpu)} "
+                    f"| {verdict(s_ref.cpu, s_ours.cpu)} "
+                    f"| {paired_ratio(s_ref.wall, s_ours.wall):.2f}x "
+                    f"| {speed_cell(s_ref_full.cpu, s_full.cpu)} "
+                    f"| {verdict(s_ref_full.cpu, s_full.cpu)} "
+                    f"| {paired_ratio(s_ref.cpu, s_full.cpu):.2f}x "
                     f"| {mib(mem[0])} | {mib(mem[1])} | {memory_ratio(mem[0], mem[1])} |"
                 )
                 print(row, flush=True)
                 rows.append(row)
     return rows
+
+
+def check_same_metrics(work: Workload, algorithm: str, steps: int) -> None:
+    """fedmaml's default metrics equal the plain ones the full reference computes."""
+    params = {k: v.detach() for k, v in work.model.named_parameters()}
+    _, ours = meta_gradient(
+        work.model,
+        params,
+        [s for s, _ in work.tasks],
+        [q for _, q in work.tasks],
+        loss_fn=work.loss_fn,
+        algorithm=algorithm,
+        inner_steps=steps,
+        inner_lr=work.inner_lr,
+    )
+    _, plain = reference_meta_gradient(
+        work.model,
+        params,
+        work.tasks,
+        loss_fn=work.loss_fn,
+        inner_steps=steps,
+        inner_lr=work.inner_lr,
+        first_order=algorithm == "fomaml",
+        with_metrics=True,
+    )
+    for key, value in plain.items():
+        if not math.isclose(ours[key], value, rel_tol=1e-4, abs_tol=1e-6):
+            raise SystemExit(f"{work.name} {algorithm} K={steps}: {key} {ours[key]} != {value}")
 
 
 def engines(args: argparse.Namespace, plan: list[tuple[str, int]]) -> list[str]:
@@ -308,7 +379,7 @@ def engines(args: argparse.Namespace, plan: list[tuple[str, int]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=11, help="timed samples per implementation")
+    parser.add_argument("--repeats", type=int, default=21, help="timed samples per implementation")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--conv-tasks", type=int, default=4, help="conv meta-batch size")
     parser.add_argument(

@@ -8,7 +8,9 @@ steps on the support set
 
 then back-propagate the query loss L_Q(θ'_K) to θ and accumulate; the result is
 g = 1/n Σ_i ∇_θ L_Qi(θ'_i). First order treats the inner gradients as constants (dθ'/dθ = I).
-No metrics are computed: this is the bare meta-gradient.
+By default no metrics are computed: this is the bare meta-gradient. ``with_metrics=True`` also
+returns what fedmaml's default call returns, computed the plain way: the mean query loss and
+accuracy (classification) before adaptation (a no-grad forward at θ) and after it.
 """
 
 from __future__ import annotations
@@ -31,11 +33,25 @@ def reference_meta_gradient(
     inner_steps: int,
     inner_lr: float,
     first_order: bool,
-) -> dict[str, Tensor]:
-    """The mean meta-gradient over ``tasks`` (each a ``(support, query)`` pair of ``(x, y)``)."""
+    with_metrics: bool = False,
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, float]]:
+    """The mean meta-gradient over ``tasks`` (each a ``(support, query)`` pair of ``(x, y)``),
+    and with ``with_metrics`` the mean query metrics before and after adaptation."""
     theta = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
     buffers = dict(model.named_buffers())
+    sums: dict[str, float] = {}
+
+    def record(when: str, out: Tensor, loss: Tensor, y: Tensor) -> None:
+        sums[f"loss_{when}"] = sums.get(f"loss_{when}", 0.0) + loss.item() / len(tasks)
+        if not y.is_floating_point():
+            accuracy = (out.argmax(-1) == y).float().mean().item()
+            sums[f"accuracy_{when}"] = sums.get(f"accuracy_{when}", 0.0) + accuracy / len(tasks)
+
     for (sx, sy), (qx, qy) in tasks:
+        if with_metrics:
+            with torch.no_grad():
+                out = functional_call(model, (theta, buffers), (qx,))
+                record("before", out, loss_fn(out, qy), qy)
         fast = dict(theta)
         for _ in range(inner_steps):
             loss = loss_fn(functional_call(model, (fast, buffers), (sx,)), sy)
@@ -44,6 +60,10 @@ def reference_meta_gradient(
                 k: w - inner_lr * (g.detach() if first_order else g)
                 for (k, w), g in zip(fast.items(), grads, strict=True)
             }
-        query_loss = loss_fn(functional_call(model, (fast, buffers), (qx,)), qy)
+        out = functional_call(model, (fast, buffers), (qx,))
+        query_loss = loss_fn(out, qy)
         (query_loss / len(tasks)).backward()
-    return {k: v.grad for k, v in theta.items()}  # type: ignore[misc]
+        if with_metrics:
+            record("after", out.detach(), query_loss.detach(), qy)
+    grads = {k: v.grad for k, v in theta.items()}
+    return (grads, sums) if with_metrics else grads  # type: ignore[return-value]
