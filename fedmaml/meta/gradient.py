@@ -97,7 +97,7 @@ def meta_gradient(
     ``metrics`` holds ``loss_before`` / ``loss_after`` (query loss at θ and at θ') and, when the
     labels are integers (classification), ``accuracy_before`` / ``accuracy_after``, plus
     ``num_query`` and ``num_episodes``. ``metrics_before=False`` leaves out the ``*_before``
-    metrics and the no-grad forward of each query set at θ they cost (8-22% of a conv-net call,
+    metrics and the no-grad forward of each query set at θ they cost (11-18% of a conv4 call,
     ``benchmarks/README.md``). Nothing is modified in place.
     """
     validate.check_choice("algorithm", algorithm, validate.ALGORITHMS)
@@ -193,7 +193,7 @@ def _loop_episode(
     metrics_before: bool,
 ) -> tuple[Params, dict[str, Tensor]]:
     """One episode's gradient and metrics. The pre-adaptation metrics cost one no-grad forward
-    of the query set at θ: 8-18% of an episode of 5-way 1-shot conv4 (75 query, 5 support)."""
+    of the query set at θ: 11-18% of an episode of 5-way 1-shot conv4 (75 query, 5 support)."""
     qx, qy = query
     if algorithm in ("reptile", "fedavg"):
         data = _union(support, query) if algorithm == "fedavg" else support
