@@ -125,6 +125,13 @@ class RunConfig:
             )
         if self.dp_noise > 0 and self.dp_clip <= 0:
             raise _bad("dp_clip", self.dp_clip, "a number > 0 when dp-noise > 0")
+        if self.partition != "iid" and self.user_column:
+            raise _bad(
+                "partition",
+                self.partition,
+                'iid, or user-column = "" (rows are partitioned only when the table names no '
+                "users; with a user column every user is one client)",
+            )
         if self.task not in ("sine", "local") and not self.data_path:
             raise _bad("data_path", "", f"the path of the {self.task} data")
         self._check_local()

@@ -221,6 +221,8 @@ def test_run_config_partitions_a_table_without_users(tmp_path):
     assert np.mean(skewed) > 0.6 > 0.45 > np.mean(iid)
     with pytest.raises(FedmamlError, match="'partition'"):
         RunConfig.from_mapping({**base, "partition": "random"})
+    with pytest.raises(FedmamlError, match=r"'partition'.*user-column"):
+        RunConfig.from_mapping({**base, "partition": "dirichlet", "user-column": "user"})
     with pytest.raises(FedmamlError, match="'partition-alpha'"):
         RunConfig.from_mapping({**base, "partition-alpha": 0})
 
