@@ -11,10 +11,12 @@ meta-batch, α=0.01; MAML's conv4 on 5-way 1-shot episodes with 15 queries per c
 synthetic pixels: speed does not depend on their values), α=0.4. Each is run second order (maml)
 and first order (fomaml), with 1 and 5 inner steps.
 
-Speed: the implementations are timed alternately in one process (A B, B A, A B, ...), so that
-load from other processes hits both alike; the table gives median tasks per second (wall
-clock), and each ratio is the median of the ratios of samples taken back to back, on the wall
-clock and on this process's CPU time (``time.process_time``), with a 95% percentile-bootstrap
+Speed: each configuration runs in a fresh subprocess (the heap that earlier configurations
+left behind moved conv4 ratios by up to 10 % when all ran in one process), in which the
+implementations are timed alternately (A B, B A, A B, ...), so that load from other processes
+hits them alike; the table gives median tasks per second (wall clock), and each ratio is the
+median of the ratios of samples taken back to back, on the wall clock and on this process's
+CPU time (``time.process_time``), with a 95% percentile-bootstrap
 interval; "verdict" says "faster" or "slower" only when the whole interval lies above or below
 1. With 1 torch thread the CPU-time ratio is the steadier one on a shared machine: time the
 process spends descheduled while other jobs run does not count. Each sample runs enough
@@ -280,6 +282,38 @@ def memory_pair(
     return [peak_extra_mib(name, n, impl, algorithm, steps, args.threads) for impl in impls]
 
 
+IMPLS = ("fedmaml", "reference", "fedmaml-full", "reference-full")
+
+
+def speed_probe(workload: str, tasks: int, algorithm: str, steps: int, repeats: int) -> None:
+    """(Child process) check that the implementations agree, time them interleaved and print
+    the samples as JSON."""
+    work = make_workload(workload, tasks)
+    calls = [runner(work, impl, algorithm, steps) for impl in IMPLS]
+    check_agree(calls[0](), calls[1](), f"{workload} {algorithm} K={steps}")
+    check_same_metrics(work, algorithm, steps)
+    samples = interleaved(calls, repeats)
+    print(json.dumps({impl: vars(s) for impl, s in zip(IMPLS, samples, strict=True)}))
+
+
+def speed_samples(
+    args: argparse.Namespace, workload: str, tasks: int, algorithm: str, steps: int
+) -> dict[str, Samples]:
+    """``speed_probe`` in a fresh process: the heap that earlier configurations left behind
+    moved conv4 ratios by up to 10 % when every configuration ran in one process."""
+    probe = [workload, str(tasks), algorithm, str(steps)]
+    options = ["--threads", str(args.threads), "--repeats", str(args.repeats)]
+    out = subprocess.run(
+        [sys.executable, __file__, *options, "--speed-probe", *probe],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode:
+        raise SystemExit(f"speed probe {' '.join(probe)} failed:\n{out.stderr}{out.stdout}")
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    return {impl: Samples(**data[impl]) for impl in IMPLS}
+
+
 def against_reference(args: argparse.Namespace, plan: list[tuple[str, int]]) -> list[str]:
     rows = [
         "| workload | algorithm | inner steps | tasks | fedmaml engine | fedmaml tasks/s "
@@ -291,19 +325,12 @@ def against_reference(args: argparse.Namespace, plan: list[tuple[str, int]]) -> 
         "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for name, n in plan:
-        work = make_workload(name, n)
-        engine = "vmap" if prefers_vmap(work.model) else "loop"
+        engine = "vmap" if prefers_vmap(make_workload(name, 1).model) else "loop"
         for steps in args.steps:
             for algorithm in ALGORITHMS:
-                ours = runner(work, "fedmaml", algorithm, steps)
-                ref = runner(work, "reference", algorithm, steps)
-                full = runner(work, "fedmaml-full", algorithm, steps)
-                ref_full = runner(work, "reference-full", algorithm, steps)
-                check_agree(ours(), ref(), f"{name} {algorithm} K={steps}")
-                check_same_metrics(work, algorithm, steps)
-                s_ours, s_ref, s_full, s_ref_full = interleaved(
-                    [ours, ref, full, ref_full], args.repeats
-                )
+                got = speed_samples(args, name, n, algorithm, steps)
+                s_ours, s_ref = got["fedmaml"], got["reference"]
+                s_full, s_ref_full = got["fedmaml-full"], got["reference-full"]
                 t_ours, t_ref = statistics.median(s_ours.wall), statistics.median(s_ref.wall)
                 mem = memory_pair(args, name, n, ("fedmaml", "reference"), algorithm, steps)
                 row = (
@@ -389,11 +416,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-engines", dest="engines", action="store_false", help="skip vmap/loop")
     parser.add_argument("--out", type=Path, help="also write the markdown tables to this file")
     parser.add_argument("--memory-probe", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--speed-probe", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_probe:
         workload, tasks, impl, algorithm, steps = args.memory_probe
         memory_probe(workload, int(tasks), impl, algorithm, int(steps))
+        return
+    if args.speed_probe:
+        workload, tasks, algorithm, steps = args.speed_probe
+        speed_probe(workload, int(tasks), algorithm, int(steps), args.repeats)
         return
     if args.repeats < 1 or args.threads < 1 or args.conv_tasks < 1:
         parser.error("--repeats, --threads and --conv-tasks must be >= 1")
