@@ -11,8 +11,8 @@ For episodes i = 1..n with support set S_i and query set Q_i (θ' = inner loop f
   meta-learning, the standard personalization baseline.
 
 Two engines compute the same thing: a per-episode loop on ``torch.autograd.grad`` (fastest for
-compute-bound models such as conv nets, where vmap is 1.6-2.3x slower and needs 3-5x the
-memory) and ``torch.vmap`` over stacked episodes (6-8x faster than the loop on the sinusoid MLP,
+compute-bound models such as conv nets, where vmap is 1.4-2.4x slower and needs 3-5x the
+memory) and ``torch.vmap`` over stacked episodes (6-7x faster than the loop on the sinusoid MLP,
 where Python overhead dominates); ``batching="auto"`` picks by model. Measured in
 ``benchmarks/README.md``.
 """
