@@ -72,6 +72,7 @@ class RunConfig:
     local_episodes: int = 1
     eval_every: int = 50
     eval_clients: int = 20
+    eval_episodes: int = 1
     seed: int = 0
     out_dir: str = "runs/latest"
     resume: str = ""
@@ -98,6 +99,7 @@ class RunConfig:
             "local_episodes",
             "eval_every",
             "eval_clients",
+            "eval_episodes",
             "partition_classes",
         ):
             if getattr(self, name) < 1:

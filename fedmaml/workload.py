@@ -117,21 +117,31 @@ class Workload:
         """Held-out query metrics after 0..eval-steps adaptation steps on the client's support,
         and the number of query examples.
 
-        The support set comes from the client's training pool, the query set from its held-out
-        pool; the episode is a fixed function of (seed, client) unless ``meta_round`` differs.
+        Each of the ``eval-episodes`` episodes takes its support set from the client's training
+        pool and its query set from its held-out pool; the curve is their mean (every episode
+        has the same number of queries). The episodes are a fixed function of (seed, client)
+        unless ``meta_round`` differs.
         """
         g = episode_generator(self.cfg.seed, meta_round, index, stream=EVAL_STREAM)
-        task = sample_episode(client, self.spec, g, held_out=True)
-        curve, _ = adaptation_curve(
-            self.model,
-            self.to_device(params),
-            task.support,
-            task.query,
-            loss_fn=self.loss_fn,
-            steps=self.cfg.eval_steps,
-            inner_lr=self.cfg.inner_lr,
-        )
-        return curve, task.num_query
+        curves, num_query = [], 0
+        for _ in range(self.cfg.eval_episodes):
+            task = sample_episode(client, self.spec, g, held_out=True)
+            curve, _ = adaptation_curve(
+                self.model,
+                self.to_device(params),
+                task.support,
+                task.query,
+                loss_fn=self.loss_fn,
+                steps=self.cfg.eval_steps,
+                inner_lr=self.cfg.inner_lr,
+            )
+            curves.append(curve)
+            num_query += task.num_query
+        mean = [
+            {name: sum(c[k][name] for c in curves) / len(curves) for name in curves[0][k]}
+            for k in range(len(curves[0]))
+        ]
+        return mean, num_query
 
 
 @lru_cache(maxsize=4)

@@ -265,3 +265,35 @@ def test_maml_learns_to_adapt_to_unseen_sinusoids():
     assert maml_after < 0.65 * maml_before
     assert maml_after < 0.75 * pretrained_after
     assert maml_after < 0.5 * untrained_after
+
+
+def test_evaluation_averages_eval_episodes_drawn_in_sequence():
+    """eval-episodes = 3 gives the mean of the three curves of the episodes drawn one after
+    another from the client's evaluation generator, and counts all their queries; with 1
+    episode it is that first curve alone."""
+    from fedmaml.config import RunConfig
+    from fedmaml.workload import EVAL_STREAM, Workload
+
+    cfg = RunConfig(eval_steps=3, eval_episodes=3, num_train_clients=4, num_heldout_clients=2)
+    work = Workload.from_config(cfg)
+    theta = work.initial_params()
+    client = work.source.client(1, "heldout")
+    curve, num_query = work.evaluation_curve(theta, client, 1, meta_round=7)
+
+    g = episode_generator(cfg.seed, 7, 1, stream=EVAL_STREAM)
+    singles = []
+    for _ in range(3):
+        task = sample_episode(client, work.spec, g, held_out=True)
+        singles.append(
+            adaptation_curve(
+                work.model, theta, task.support, task.query, loss_fn=F.mse_loss, steps=3
+            )[0]
+        )
+    assert num_query == 3 * cfg.query_size and len(curve) == 4
+    for k in range(4):
+        assert curve[k]["loss"] == pytest.approx(np.mean([c[k]["loss"] for c in singles]))
+    first, _ = Workload.from_config(cfg.replace(eval_episodes=1)).evaluation_curve(
+        theta, client, 1, meta_round=7
+    )
+    assert [row["loss"] for row in first] == pytest.approx([row["loss"] for row in singles[0]])
+    assert len({round(c[3]["loss"], 6) for c in singles}) == 3  # three different episodes

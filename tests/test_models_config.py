@@ -80,6 +80,7 @@ def test_pyproject_defaults_are_accepted_and_equal_the_dataclass_defaults():
         ("meta-lr", "fast", "'meta-lr'"),
         ("fraction-train", 1.5, "'fraction-train'"),
         ("inner-steps", 0, "'inner-steps'"),
+        ("eval-episodes", 0, "'eval-episodes'"),
         ("inner-steps", 1.5, "'inner-steps'"),
         ("ways", 1, "'ways'"),
         ("seed", -1, "'seed'"),
