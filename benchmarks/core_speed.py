@@ -114,13 +114,16 @@ def make_workload(name: str, n_tasks: int) -> Workload:
     )
 
 
-def runner(work: Workload, impl: str, algorithm: str, steps: int) -> Callable[[], Grads]:
-    """A no-argument call computing the meta-gradient of the whole meta-batch."""
+def meta_call(
+    work: Workload, impl: str, algorithm: str, steps: int, *, full: bool
+) -> Callable[[], tuple[Grads, dict[str, float]]]:
+    """A no-argument call returning (meta-gradient, metrics) of the whole meta-batch. ``impl`` is
+    "reference" or a fedmaml ``batching`` ("auto", "loop", "vmap"); ``full``: with the
+    pre-adaptation metrics (fedmaml's default), else without (the reference: no metrics)."""
     params = {k: v.detach() for k, v in work.model.named_parameters()}
-    if impl in ("reference", "reference-full"):
-        full = impl == "reference-full"
+    if impl == "reference":
 
-        def reference() -> Grads:
+        def reference() -> tuple[Grads, dict[str, float]]:
             out = reference_meta_gradient(
                 work.model,
                 params,
@@ -131,24 +134,30 @@ def runner(work: Workload, impl: str, algorithm: str, steps: int) -> Callable[[]
                 first_order=algorithm == "fomaml",
                 with_metrics=full,
             )
-            return out[0] if full else out  # type: ignore[return-value]
+            return out if full else (out, {})  # type: ignore[return-value]
 
         return reference
-    supports = [s for s, _ in work.tasks]
-    queries = [q for _, q in work.tasks]
-    batching = impl if impl in ("loop", "vmap") else "auto"
     return lambda: meta_gradient(
         work.model,
         params,
-        supports,
-        queries,
+        [s for s, _ in work.tasks],
+        [q for _, q in work.tasks],
         loss_fn=work.loss_fn,
         algorithm=algorithm,
         inner_steps=steps,
         inner_lr=work.inner_lr,
-        batching=batching,
-        metrics_before=impl == "fedmaml-full",
-    )[0]
+        batching=impl,
+        metrics_before=full,
+    )
+
+
+def runner(work: Workload, impl: str, algorithm: str, steps: int) -> Callable[[], Grads]:
+    """The meta-gradient alone: "reference" / "fedmaml" without pre-adaptation metrics,
+    "reference-full" / "fedmaml-full" with them; "loop" / "vmap" force fedmaml's engine."""
+    base, _, suffix = impl.partition("-")
+    engine = {"fedmaml": "auto"}.get(base, base)
+    call = meta_call(work, engine, algorithm, steps, full=suffix == "full")
+    return lambda: call()[0]
 
 
 def check_agree(a: Grads, b: Grads, what: str) -> None:
@@ -350,27 +359,8 @@ def against_reference(args: argparse.Namespace, plan: list[tuple[str, int]]) -> 
 
 def check_same_metrics(work: Workload, algorithm: str, steps: int) -> None:
     """fedmaml's default metrics equal the plain ones the full reference computes."""
-    params = {k: v.detach() for k, v in work.model.named_parameters()}
-    _, ours = meta_gradient(
-        work.model,
-        params,
-        [s for s, _ in work.tasks],
-        [q for _, q in work.tasks],
-        loss_fn=work.loss_fn,
-        algorithm=algorithm,
-        inner_steps=steps,
-        inner_lr=work.inner_lr,
-    )
-    _, plain = reference_meta_gradient(
-        work.model,
-        params,
-        work.tasks,
-        loss_fn=work.loss_fn,
-        inner_steps=steps,
-        inner_lr=work.inner_lr,
-        first_order=algorithm == "fomaml",
-        with_metrics=True,
-    )
+    _, ours = meta_call(work, "auto", algorithm, steps, full=True)()
+    _, plain = meta_call(work, "reference", algorithm, steps, full=True)()
     for key, value in plain.items():
         if not math.isclose(ours[key], value, rel_tol=1e-4, abs_tol=1e-6):
             raise SystemExit(f"{work.name} {algorithm} K={steps}: {key} {ours[key]} != {value}")
