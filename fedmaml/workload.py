@@ -123,12 +123,13 @@ class Workload:
         unless ``meta_round`` differs.
         """
         g = episode_generator(self.cfg.seed, meta_round, index, stream=EVAL_STREAM)
+        theta = self.to_device(params)
         curves, num_query = [], 0
         for _ in range(self.cfg.eval_episodes):
             task = sample_episode(client, self.spec, g, held_out=True)
             curve, _ = adaptation_curve(
                 self.model,
-                self.to_device(params),
+                theta,
                 task.support,
                 task.query,
                 loss_fn=self.loss_fn,
