@@ -27,48 +27,22 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 TUNED = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 CONFIGS = [("maml", 1), ("fomaml", 1), ("maml", 5), ("fomaml", 5)]
 
 
 def probe(calls: int) -> None:
-    """In a fresh process: median CPU seconds per call of each configuration, as JSON."""
-    from fedmaml.meta import meta_gradient
-    from fedmaml.models import build_model
+    """In a fresh process: median CPU seconds per call of each configuration, as JSON. The
+    workload and the call (fedmaml's default, with pre-adaptation metrics) are core_speed's."""
+    from core_speed import make_workload, runner
 
-    torch.manual_seed(0)
-    model = build_model("conv4", ways=5)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    g = torch.Generator().manual_seed(1)
-
-    def images(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-        y = torch.arange(5).repeat(per_class)
-        return torch.rand(len(y), 1, 28, 28, generator=g), y
-
-    supports, queries = zip(*[(images(1), images(15)) for _ in range(4)], strict=True)
+    work = make_workload("conv4", 4)
     out = {}
     for algorithm, steps in CONFIGS:
-
-        def call(algorithm: str = algorithm, steps: int = steps) -> None:
-            meta_gradient(
-                model,
-                params,
-                list(supports),
-                list(queries),
-                loss_fn=F.cross_entropy,
-                algorithm=algorithm,
-                inner_steps=steps,
-                inner_lr=0.4,
-            )
-
+        call = runner(work, "fedmaml-full", algorithm, steps)
         call()
         times = []
         for _ in range(calls):

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCHEMES = PARTITIONS
 _ROW = "__fedmaml_row__"
 
 
@@ -55,8 +54,10 @@ def partition_rows(
         PathologicalPartitioner,
     )
 
-    if scheme not in SCHEMES:
-        raise FedmamlError(f"unknown partition scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+    if scheme not in PARTITIONS:
+        raise FedmamlError(
+            f"unknown partition scheme {scheme!r}; use one of {', '.join(PARTITIONS)}"
+        )
     if num_partitions < 1 or num_partitions > len(df):
         raise FedmamlError(
             f"cannot split {len(df)} rows into {num_partitions} clients; "
