@@ -66,6 +66,7 @@ class RunConfig:
     aggregator: str = "mean"
     dp_clip: float = 0.0
     dp_noise: float = 0.0
+    max_update_norm: float = 0.0
     support_size: int = 10
     query_size: int = 10
     ways: int = 0
@@ -119,6 +120,19 @@ class RunConfig:
         for name in ("dp_clip", "dp_noise"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise _bad(name, getattr(self, name), "a finite number >= 0")
+        if not self.max_update_norm >= 0:  # NaN fails too
+            raise _bad(
+                "max_update_norm",
+                self.max_update_norm,
+                "0 (automatic: leave out outliers), a norm > 0 (clip to it) or inf (no bound)",
+            )
+        if self.min_train_nodes > self.num_train_clients:
+            raise _bad(
+                "min_train_nodes",
+                self.min_train_nodes,
+                f"at most num-train-clients ({self.num_train_clients}): a round could never "
+                "gather that many training clients",
+            )
         if self.dp_clip > 0 and self.aggregation != "uniform":
             raise _bad(
                 "aggregation",
@@ -213,12 +227,17 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
         if kind is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(value)
+            number = int(value)
+            if not -(2**63) <= number < 2**63:
+                raise OverflowError
+            return number
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
         return str(value)
+    except OverflowError:
+        raise _bad(name, value, "an integer that fits in 64 bits") from None
     except (TypeError, ValueError):
         raise _bad(name, value, f"a value of type {kind.__name__}") from None
 

@@ -77,6 +77,10 @@ def test_simulate_command_runs_reports_and_cleans_up(tmp_path):
         (["--set", "no-such-key=1"], ["unknown config key", "no-such-key"]),
         (["--clients-per-round", "500"], ["clients-per-round"]),
         (["--config", "missing.toml"], ["missing.toml"]),
+        (["--clients", "2", "--set", "min-train-nodes=5"], ["min-train-nodes", "at most"]),
+        (["--set", "task=local", "--set", "input-shape=3"], ["task 'local'", "deployment"]),
+        (["--set", "seed=99999999999999999999"], ["seed", "64 bits"]),
+        (["--set", "max-update-norm=-1"], ["max-update-norm", "clip"]),
     ],
 )
 def test_bad_settings_stop_before_flower_starts(tmp_path, capsys, args, words):

@@ -1,7 +1,7 @@
 """fedmaml's Flower ClientApp: each client is one task.
 
-* ``query.describe``: the node's role (train / held-out) and client index, so that the server
-  trains only on training clients;
+* ``query.describe``: the node's role (train / held-out), client index and data identity, so
+  that the server trains only on training clients;
 * ``train``: receive θ (∪ α), draw this round's episodes from the client's own data, reply the
   *update* Δ = −g (g = mean meta-gradient of the local episodes) with metrics. The server's
   aggregation strategy sees Δ relative to a zero reference, exactly as it sees model updates;
@@ -9,8 +9,9 @@
 * ``query.personalize``: adapt the final θ on the client's own data, keep the personalized model
   on the device (node config ``personalized-path``), reply metrics only.
 
-Torch and the core are imported inside the handlers: a deployed node starts a new process per
-message, and ``describe`` needs neither.
+A failing handler replies one plain line (:mod:`fedmaml.federated.client_errors`). Torch and the
+core are imported inside the handlers: a deployed node starts a new process per message, and
+``describe`` needs neither.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedmaml.federated import keys
+from fedmaml.federated.client_errors import one_line_errors
 from fedmaml.federated.records import from_record, run_config, to_record
 
 if TYPE_CHECKING:
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
     from fedmaml.tasks.episodes import ClientData
     from fedmaml.workload import Workload
 
-app = ClientApp()
+app = ClientApp(mods=[one_line_errors])
 
 
 def _node(context: Context) -> tuple[RunConfig, NodeIdentity, ClientData, Workload]:
@@ -43,33 +46,39 @@ def _node(context: Context) -> tuple[RunConfig, NodeIdentity, ClientData, Worklo
 
 @app.query("describe")
 def describe(msg: Message, context: Context) -> Message:
-    """Who this node is: role and client index."""
+    """Who this node is: role, client index, the data's identity and size, and (simulation) the
+    federation's size."""
     from fedmaml.federated.node import load_client
 
     identity, client = load_client(context.node_config, run_config(context))
     content = ConfigRecord(
-        {"role": identity.role, "client-index": identity.index, "num-examples": len(client)}
+        {
+            keys.ROLE: identity.role,
+            keys.CLIENT_INDEX: identity.index,
+            keys.CLIENT_ID: client.client_id,
+            keys.NUM_EXAMPLES: len(client),
+            keys.NUM_PARTITIONS: int(context.node_config.get("num-partitions", 0)),
+        }
     )
-    return Message(RecordDict({"describe": content}), reply_to=msg)
+    return Message(RecordDict({keys.DESCRIBE: content}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Δ = −g for this client's episodes of the round, and its query metrics."""
     _, identity, client, work = _node(context)
-    params = from_record(msg.content["arrays"])
-    meta_round = int(msg.content["config"]["meta-round"])
+    params = from_record(msg.content[keys.ARRAYS])
+    meta_round = int(msg.content[keys.CONFIG][keys.META_ROUND])
     grads, metrics = work.client_meta_gradient(params, client, identity.index, meta_round)
     update = {k: -g for k, g in grads.items()}
     reply = MetricRecord(
         {
-            "num-examples": int(metrics.pop("num_query")),
-            "task-weight": 1,
-            "client-index": identity.index,
-            **{k.replace("_", "-"): v for k, v in metrics.items()},
+            keys.NUM_EXAMPLES: int(metrics.pop("num_query")),
+            **{keys.metric_key(k): v for k, v in metrics.items()},
         }
     )
-    return Message(RecordDict({"arrays": to_record(update), "metrics": reply}), reply_to=msg)
+    content = RecordDict({keys.ARRAYS: to_record(update), keys.METRICS: reply})
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()
@@ -77,16 +86,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Held-out query metrics after k = 0..eval-steps steps (``loss-k``, ``accuracy-k``)."""
     _, identity, client, work = _node(context)
     curve, num_query = work.evaluation_curve(
-        from_record(msg.content["arrays"]), client, identity.index
+        from_record(msg.content[keys.ARRAYS]), client, identity.index
     )
-    values: dict[str, float | int] = {
-        "num-examples": num_query,
-        "heldout": int(identity.role == "heldout"),
-        "client-index": identity.index,
-    }
+    values: dict[str, float | int] = {keys.NUM_EXAMPLES: num_query}
     for k, entry in enumerate(curve):
         values.update({f"{name}-{k}": v for name, v in entry.items()})
-    return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
+    return Message(RecordDict({keys.METRICS: MetricRecord(values)}), reply_to=msg)
 
 
 @app.query("personalize")
@@ -98,7 +103,7 @@ def personalize(msg: Message, context: Context) -> Message:
 
     cfg, identity, client, work = _node(context)
     metrics = personalize_client(
-        from_record(msg.content["arrays"]),
+        from_record(msg.content[keys.ARRAYS]),
         cfg.model_name,
         client,
         save_to=personalized_path(context.node_config, cfg, identity),
@@ -106,6 +111,5 @@ def personalize(msg: Message, context: Context) -> Message:
         config=cfg.to_mapping(),
         seed=cfg.seed,
     )
-    values = {"heldout": int(identity.role == "heldout"), "client-index": identity.index}
-    values.update({k.replace("_", "-"): float(v) for k, v in metrics.items()})
-    return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
+    values = {keys.metric_key(k): float(v) for k, v in metrics.items()}
+    return Message(RecordDict({keys.METRICS: MetricRecord(values)}), reply_to=msg)

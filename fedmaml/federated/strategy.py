@@ -2,15 +2,18 @@
 
 Round t, with θ the global meta-parameters:
 
-1. ``configure_train``: the wrapped strategy (FedAvg, FedMedian, FedTrimmedAvg, Krum, optionally
+1. ``configure_train``: once enough training nodes are connected (a wait bounded by
+   ``round-timeout``), the wrapped strategy (FedAvg, FedMedian, FedTrimmedAvg, Krum, optionally
    inside Flower's central-DP wrapper) samples training nodes and builds the messages around a
    *zero* reference; each message then carries θ to its client.
 2. Clients reply Δ_i = −g_i (their meta-gradient, as an update relative to zero).
-3. ``aggregate_train``: malformed replies (errors, NaN/Inf, wrong keys or shapes) are left out
-   and logged with their node id; the wrapped strategy aggregates the rest exactly as it
-   aggregates model updates ("reply − sent" = Δ_i: clipping, noise, robust statistics apply
-   unchanged) into Δ̄; then the meta-optimizer steps with ḡ = −Δ̄:
-   SGD: θ ← θ − β ḡ, or Adam (state kept across rounds).
+3. ``aggregate_train``: every reply passes its own checks (:mod:`fedmaml.federated.replies`:
+   keys, shapes, dtype, finiteness after the cast to θ's dtype, example counts, the update-norm
+   bound); the server writes each reply's aggregation weight itself. The wrapped strategy
+   aggregates the good replies exactly as it aggregates model updates ("reply − sent" = Δ_i:
+   clipping, noise, robust statistics apply unchanged) into Δ̄; then the meta-optimizer steps
+   with ḡ = −Δ̄: SGD θ ← θ − β ḡ, or Adam (state kept across rounds). A step that would leave θ
+   or Adam's state non-finite is undone.
 
 Using zero as the reference keeps g exact (no θ − (θ − g) cancellation in float32).
 Evaluation (``configure_evaluate``) goes to a fixed sample of training and held-out nodes.
@@ -19,7 +22,6 @@ Evaluation (``configure_evaluate``) goes to a fixed sample of training and held-
 from __future__ import annotations
 
 import random
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -27,71 +29,49 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
+from fedmaml.federated import keys
 from fedmaml.federated.records import from_record, to_record
+from fedmaml.federated.replies import (
+    BadReply,
+    NormBound,
+    TrainUpdate,
+    UpdateSpec,
+    evaluation_metrics,
+    train_update,
+)
+from fedmaml.federated.roles import NodeRoles
 from fedmaml.meta.outer import MetaOptimizer
 from fedmaml.meta.params import Params
 from fedmaml.results import RunRecorder
 
-DESCRIBE = f"{MessageType.QUERY}.describe"
-PERSONALIZE = f"{MessageType.QUERY}.personalize"
-ID_KEYS = ("num-examples", "task-weight", "client-index", "heldout")
+#: rounds in a row without enough training nodes after which the run stops
+MAX_STARVED_ROUNDS = 3
 
 
-class NodeRoles:
-    """Which connected node is a training client, a held-out client, or broken (and why)."""
+class _TrainingNodes:
+    """A view of the Grid whose connected nodes are the training nodes found for this round:
+    the wrapped strategy samples among them, and never waits (the waiting was done, bounded)."""
 
-    def __init__(self, recorder: RunRecorder, timeout: float) -> None:
-        self.role: dict[int, str] = {}
-        self.index: dict[int, int] = {}
-        self.broken: dict[int, str] = {}
-        self.recorder = recorder
-        self.timeout = timeout
-
-    def refresh(self, grid: Grid, meta_round: int) -> None:
-        """Ask nodes not seen before who they are (one query round trip, only when needed)."""
-        unknown = [n for n in grid.get_node_ids() if n not in self.role and n not in self.broken]
-        if not unknown:
-            return
-        messages = [Message(RecordDict(), dst_node_id=n, message_type=DESCRIBE) for n in unknown]
-        for reply in grid.send_and_receive(messages, timeout=self.timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                self.broken[node] = error_reason(reply)
-                log(WARNING, "fedmaml: node %d cannot take part: %s", node, self.broken[node])
-                self.recorder.client_row(
-                    round=meta_round,
-                    phase="describe",
-                    node_id=node,
-                    status="error",
-                    reason=self.broken[node],
-                )
-                continue
-            info = reply.content["describe"]
-            self.role[node] = str(info["role"])
-            self.index[node] = int(info["client-index"])
-
-    def nodes(self, role: str) -> list[int]:
-        return sorted(n for n, r in self.role.items() if r == role)
-
-
-class _NodeSubset:
-    """A view of the Grid whose connected nodes are one role's: the wrapped strategy samples
-    training clients only. Refreshes roles on every call, as nodes may join mid-run."""
-
-    def __init__(self, grid: Grid, roles: NodeRoles, role: str, meta_round: int) -> None:
-        self._grid, self._roles, self._role, self._round = grid, roles, role, meta_round
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes = grid, nodes
 
     def get_node_ids(self) -> list[int]:
-        self._roles.refresh(self._grid, self._round)
-        connected = set(self._grid.get_node_ids())
-        return [n for n in self._roles.nodes(self._role) if n in connected]
+        return list(self._nodes)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -119,11 +99,19 @@ class MetaStrategy(Strategy):
         self.round_offset = round_offset
         self.num_rounds = num_rounds
         self.on_update = on_update
-        self.roles = NodeRoles(recorder, timeout)
-        self.shapes = {k: tuple(v.shape) for k, v in optimizer.params.items()}
+        self.roles = NodeRoles(cfg, recorder, timeout)
+        theta = next(iter(optimizer.params.values()))
+        self.spec = UpdateSpec(
+            shapes={k: tuple(v.shape) for k, v in optimizer.params.items()},
+            dtype=np.dtype(str(theta.dtype).removeprefix("torch.")),
+            max_examples=cfg.local_episodes * cfg.query_size * max(cfg.ways, 1),
+        )
+        self.bound = NormBound(cfg.max_update_norm)
         self._zero = to_record({k: torch.zeros_like(v) for k, v in optimizer.params.items()})
         self._eval_nodes: dict[str, list[int]] = {}
         self._rng = random.Random(cfg.seed)
+        self._sent: dict[str, list[int]] = {}
+        self._starved = 0
 
     def meta_round(self, server_round: int) -> int:
         return self.round_offset + server_round
@@ -151,72 +139,95 @@ class MetaStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         meta_round = self.meta_round(server_round)
-        round_config = ConfigRecord({**dict(config), "meta-round": meta_round})
-        subset = _NodeSubset(grid, self.roles, "train", meta_round)
+        nodes = self.roles.wait_for_training(grid, meta_round, self.cfg.min_train_nodes)
+        if len(nodes) < self.cfg.min_train_nodes:
+            self._starve(meta_round, len(nodes))
+            self._sent["train"] = []
+            return []
+        self._starved = 0
+        round_config = ConfigRecord({**dict(config), keys.META_ROUND: meta_round})
         messages = list(
-            self.aggregator.configure_train(server_round, self._zero, round_config, subset)  # type: ignore[arg-type]
+            self.aggregator.configure_train(
+                server_round,
+                self._zero,
+                round_config,
+                _TrainingNodes(grid, nodes),  # type: ignore[arg-type]
+            )
         )
         for message in messages:
-            message.content["arrays"] = arrays
+            message.content[keys.ARRAYS] = arrays
+        self._sent["train"] = [m.metadata.dst_node_id for m in messages]
         self.recorder.round_values(meta_round, sampled=len(messages))
         return messages
+
+    def _starve(self, meta_round: int, available: int) -> None:
+        """Not enough training nodes for a round: skip it, or stop the run when that goes on."""
+        self._starved += 1
+        reason = (
+            f"{available} training node(s) connected after waiting round-timeout="
+            f"{self.cfg.round_timeout:g} s, fewer than min-train-nodes={self.cfg.min_train_nodes}"
+        )
+        if self._starved >= MAX_STARVED_ROUNDS or (available == 0 and self.roles.broken):
+            raise FedmamlError(
+                f"round {meta_round}: {reason}, {self._starved} round(s) in a row "
+                f"({len(self.roles.broken)} node(s) broken); start more SuperNodes or lower "
+                "min-train-nodes"
+            )
+        log(WARNING, "fedmaml round %d: %s: round skipped", meta_round, reason)
+        self.recorder.round_values(meta_round, sampled=0)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         meta_round = self.meta_round(server_round)
-        replies = list(replies)
-        problems = {m.metadata.src_node_id: self._problem(m) for m in replies}
-        keys = Counter(
-            tuple(sorted(m.content["metrics"].keys()))
-            for m in replies
-            if problems[m.metadata.src_node_id] is None
-        )
-        expected = keys.most_common(1)[0][0] if keys else ()
-        good = []
+        messages: dict[int, Message] = {}
+        updates: dict[int, TrainUpdate] = {}
+        problems: dict[int, str] = {}
         for m in replies:
             node = m.metadata.src_node_id
-            problem = problems[node]
-            if problem is None and tuple(sorted(m.content["metrics"].keys())) != expected:
-                problem = "metric keys differ from the other clients'"
-            row = {
-                "round": meta_round,
-                "phase": "train",
-                "node_id": node,
-                "client": self.roles.index.get(node, -1),
-            }
-            if problem is None:
-                good.append(m)
-                metrics = dict(m.content["metrics"])
-                self.recorder.client_row(**row, status="ok", **_plain(metrics))
-            else:
-                log(
-                    WARNING,
-                    "fedmaml round %d: node %d left out of the update: %s",
-                    meta_round,
-                    node,
-                    problem,
-                )
-                self.recorder.client_row(**row, status="failed", reason=problem)
-        values: dict[str, Any] = {"ok": len(good), "failed": len(replies) - len(good)}
-        if len(good) < self.cfg.min_train_nodes:
+            messages[node] = m
+            try:
+                updates[node] = train_update(m, self.spec)
+            except BadReply as exc:
+                problems[node] = str(exc)
+        key_sets = Counter(tuple(sorted(u.metrics)) for u in updates.values())
+        expected = key_sets.most_common(1)[0][0] if key_sets else ()
+        for node, update in list(updates.items()):
+            if tuple(sorted(update.metrics)) != expected:
+                problems[node] = "metric keys differ from the other clients'"
+                del updates[node]
+        left_out, clipped = self.bound.apply(updates)
+        for node, reason in left_out.items():
+            problems[node] = reason
+            del updates[node]
+        for node, update in updates.items():
+            messages[node].content = self._checked_content(update)
+            self._row(meta_round, "train", node, "ok", **update.metrics, clipped=node in clipped)
+        for node, problem in problems.items():
+            log(WARNING, "fedmaml round %d: node %d left out: %s", meta_round, node, problem)
+            self._row(meta_round, "train", node, "failed", reason=problem)
+        self._record_silent("train", meta_round, messages)
+        values: dict[str, Any] = {
+            "ok": len(updates),
+            "failed": len(problems),
+            "no-reply": len(set(self._sent.get("train", [])) - set(messages)),
+            "clipped": len(clipped),
+        }
+        if len(updates) < self.cfg.min_train_nodes:
             log(
                 WARNING,
                 "fedmaml round %d: %d valid replies, fewer than min-train-nodes=%d: "
                 "meta-update skipped",
                 meta_round,
-                len(good),
+                len(updates),
                 self.cfg.min_train_nodes,
             )
             self._finish_round(meta_round, values | {"updated": False})
             return None, None
+        good = [messages[n] for n in updates]
         aggregated, metrics = self.aggregator.aggregate_train(server_round, good)
         if aggregated is None:
-            log(
-                WARNING,
-                "fedmaml round %d: aggregation returned nothing: meta-update skipped",
-                meta_round,
-            )
+            log(WARNING, "fedmaml round %d: aggregation returned nothing: skipped", meta_round)
             self._finish_round(meta_round, values | {"updated": False})
             return None, metrics
         grads = {k: -v for k, v in from_record(aggregated).items()}
@@ -228,38 +239,45 @@ class MetaStrategy(Strategy):
             return None, metrics
         if metrics is not None:
             values.update(
-                {f"train-{k}": v for k, v in _plain(dict(metrics)).items() if k not in ID_KEYS}
+                {
+                    f"train-{k}": v
+                    for k, v in dict(metrics).items()
+                    if k not in keys.IDENTITY and isinstance(v, int | float)
+                }
             )
         self._finish_round(meta_round, values | {"updated": True})
         if self.on_update:
             self.on_update(meta_round, params, self.optimizer)
         return to_record(params), metrics
 
-    def _problem(self, msg: Message) -> str | None:
-        """Why a training reply cannot be used, or None."""
-        if msg.has_error():
-            return f"client error: {error_reason(msg)}"
-        content = msg.content
-        if list(content.array_records) != ["arrays"] or list(content.metric_records) != ["metrics"]:
-            return "reply must hold one ArrayRecord 'arrays' and one MetricRecord 'metrics'"
-        record = content["arrays"]
-        if set(record.keys()) != set(self.shapes):
-            return "update keys do not match the meta-parameters"
-        for k, arr in record.items():
-            values = arr.numpy()
-            if tuple(values.shape) != self.shapes[k]:
-                return f"update {k!r} has shape {tuple(values.shape)}, expected {self.shapes[k]}"
-            if not np.isfinite(values).all():
-                return f"update {k!r} holds NaN or Inf"
-        metrics = content["metrics"]
-        for key in ("num-examples", "task-weight"):
-            if key not in metrics:
-                return f"metrics lack {key!r}"
-        if not all(np.isfinite(np.asarray(v, dtype=float)).all() for v in metrics.values()):
-            return "metrics hold NaN or Inf"
-        if metrics["num-examples"] <= 0:
-            return "num-examples must be positive"
-        return None
+    def _checked_content(self, update: TrainUpdate) -> RecordDict:
+        """A reply's content as the aggregation sees it: the checked (cast, maybe clipped)
+        update, the metrics, and the weight the server gives it."""
+        weight = update.num_examples if self.cfg.aggregation == "weighted" else 1
+        metrics = {**update.metrics, keys.NUM_EXAMPLES: update.num_examples, keys.WEIGHT: weight}
+        return RecordDict(
+            {
+                keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in update.arrays.items()}),
+                keys.METRICS: MetricRecord(metrics),
+            }
+        )
+
+    def _row(self, meta_round: int, phase: str, node: int, status: str, **values: Any) -> None:
+        self.recorder.client_row(
+            round=meta_round,
+            phase=phase,
+            node_id=node,
+            **self.roles.identity(node),
+            status=status,
+            **values,
+        )
+
+    def _record_silent(self, phase: str, meta_round: int, replied: Iterable[int]) -> None:
+        """A row for every node that was sent a message and did not answer in time."""
+        for node in sorted(set(self._sent.get(phase, [])) - set(replied)):
+            reason = f"no reply within round-timeout={self.cfg.round_timeout:g} s (node lost?)"
+            log(WARNING, "fedmaml round %d: node %d: %s", meta_round, node, reason)
+            self._row(meta_round, phase, node, "no-reply", reason=reason)
 
     def _finish_round(self, meta_round: int, values: dict[str, Any]) -> None:
         self.recorder.round_values(
@@ -290,6 +308,7 @@ class MetaStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if not self.is_eval_round(server_round):
+            self._sent["evaluate"] = []
             return []
         meta_round = self.meta_round(server_round)
         self.roles.refresh(grid, meta_round)
@@ -297,17 +316,22 @@ class MetaStrategy(Strategy):
         nodes = [n for n in self._evaluation_nodes() if n in connected]
         record = RecordDict(
             {
-                "arrays": arrays,
-                "config": ConfigRecord(
-                    {**dict(config), "server-round": server_round, "meta-round": meta_round}
+                keys.ARRAYS: arrays,
+                keys.CONFIG: ConfigRecord(
+                    {
+                        **dict(config),
+                        keys.SERVER_ROUND: server_round,
+                        keys.META_ROUND: meta_round,
+                    }
                 ),
             }
         )
+        self._sent["evaluate"] = nodes
         return [Message(record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
 
     def _evaluation_nodes(self) -> list[int]:
         """A fixed, seeded sample of up to eval-clients training and held-out nodes."""
-        for role in ("train", "heldout"):
+        for role in keys.ROLES:
             if not self._eval_nodes.get(role):
                 nodes = self.roles.nodes(role)
                 self._eval_nodes[role] = sorted(
@@ -331,11 +355,12 @@ class MetaStrategy(Strategy):
         keeps its model and replies metrics only. Returns their means per group (seen/unseen)."""
         meta_round = self.meta_round(self.num_rounds)
         self.roles.refresh(grid, meta_round)
-        record = RecordDict({"arrays": arrays})
+        record = RecordDict({keys.ARRAYS: arrays})
+        nodes = sorted(self.roles.info)
         messages = [
-            Message(record, dst_node_id=n, message_type=PERSONALIZE)
-            for n in sorted(self.roles.role)
+            Message(record, dst_node_id=n, message_type=keys.PERSONALIZE_TYPE) for n in nodes
         ]
+        self._sent["personalize"] = nodes
         replies = grid.send_and_receive(messages, timeout=self.roles.timeout)
         summary = self._per_group(meta_round, "personalize", replies)
         self.recorder.flush()
@@ -345,45 +370,29 @@ class MetaStrategy(Strategy):
         self, meta_round: int, phase: str, replies: Iterable[Message]
     ) -> dict[str, float]:
         """Record every reply (or failure) of an evaluation-like phase; the mean of each metric
-        over the seen (training) and unseen (held-out) clients that replied."""
+        over the seen (training) and unseen (held-out) clients that replied, by the role the
+        server knows for the node."""
         groups: dict[str, list[dict[str, float]]] = {"seen": [], "unseen": []}
+        replied = []
         for m in replies:
             node = m.metadata.src_node_id
-            row = {
-                "round": meta_round,
-                "phase": phase,
-                "node_id": node,
-                "client": self.roles.index.get(node, -1),
-            }
-            if m.has_error():
-                reason = error_reason(m)
-                log(
-                    WARNING,
-                    "fedmaml round %d: %s failed on node %d: %s",
-                    meta_round,
-                    phase,
-                    node,
-                    reason,
-                )
-                self.recorder.client_row(**row, status="failed", reason=reason)
+            replied.append(node)
+            try:
+                metrics = evaluation_metrics(m)
+            except BadReply as exc:
+                log(WARNING, "fedmaml round %d: %s on node %d: %s", meta_round, phase, node, exc)
+                self._row(meta_round, phase, node, "failed", reason=str(exc))
                 continue
-            metrics = _plain(dict(m.content["metrics"]))
-            self.recorder.client_row(**row, status="ok", **metrics)
-            groups["unseen" if metrics.get("heldout") else "seen"].append(metrics)
+            info = self.roles.info.get(node)
+            heldout = info is not None and info.role == "heldout"
+            metrics[keys.HELDOUT] = int(heldout)
+            self._row(meta_round, phase, node, "ok", **metrics)
+            groups["unseen" if heldout else "seen"].append(metrics)
+        self._record_silent(phase, meta_round, replied)
+        names = {k for rows in groups.values() for row in rows for k in row} - set(keys.IDENTITY)
         return {
-            f"{group}-{key}": float(np.mean([r[key] for r in rows]))
+            f"{group}-{name}": float(np.mean([r[name] for r in rows if name in r]))
             for group, rows in groups.items()
-            for key in (rows[0] if rows else ())
-            if key not in ID_KEYS
+            for name in sorted(names)
+            if any(name in r for r in rows)
         }
-
-
-def error_reason(reply: Message) -> str:
-    """A client's error as one line: Flower wraps it as "<class 'mod.Type'>:<'message'>"."""
-    reason = reply.error.reason
-    match = re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", reason, flags=re.DOTALL)
-    return f"{match.group(1)}: {match.group(2)}" if match else reason
-
-
-def _plain(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if isinstance(v, int | float)}

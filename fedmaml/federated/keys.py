@@ -1,0 +1,42 @@
+"""The names of everything the ServerApp and the ClientApp exchange, defined once.
+
+Records in a message's RecordDict, the keys inside them, and the query message types. Metric
+names computed by the core (``loss_after``) travel hyphenated (``loss-after``):
+:func:`metric_key` is the one place that renames them.
+"""
+
+from __future__ import annotations
+
+from flwr.app import MessageType
+
+# records
+ARRAYS = "arrays"  # θ (to a node) or the update Δ = −g (from a node)
+METRICS = "metrics"
+CONFIG = "config"
+DESCRIBE = "describe"
+
+# query message types
+DESCRIBE_TYPE = f"{MessageType.QUERY}.describe"
+PERSONALIZE_TYPE = f"{MessageType.QUERY}.personalize"
+
+# keys in the records
+META_ROUND = "meta-round"
+SERVER_ROUND = "server-round"
+ROLE = "role"
+CLIENT_INDEX = "client-index"
+CLIENT_ID = "client-id"
+NUM_EXAMPLES = "num-examples"
+NUM_PARTITIONS = "num-partitions"
+HELDOUT = "heldout"
+#: the aggregation weight, written by the server into each checked reply (never the node's)
+WEIGHT = "aggregation-weight"
+
+ROLES = ("train", "heldout")
+
+#: metrics that identify a reply rather than measure it (kept out of means over nodes)
+IDENTITY = (NUM_EXAMPLES, WEIGHT, CLIENT_INDEX, HELDOUT)
+
+
+def metric_key(name: str) -> str:
+    """A core metric name as it travels in a MetricRecord: ``loss_after`` -> ``loss-after``."""
+    return name.replace("_", "-")
