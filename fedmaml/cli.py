@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from fedmaml import __version__
@@ -40,9 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     except FedmamlError as exc:
         print(f"fedmaml {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"fedmaml {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or processes.Stopped for SIGTERM / SIGHUP
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(
+            f"fedmaml {args.command}: stopped by {signal.Signals(signum).name}; every process "
+            "it started was stopped",
+            file=sys.stderr,
+        )
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -13,20 +13,52 @@ slower and slower).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
+import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from fedmaml.atomic import atomic_write
+from fedmaml.errors import FedmamlError
 
 ROUNDS = "rounds.csv"
 CLIENTS = "clients.csv"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def locked(out_dir: Path) -> Iterator[None]:
+    """Hold the run directory for one run: a second run into it (the same ``flwr run``
+    submitted twice) stops with a clear error instead of writing the same checkpoint and
+    tables. The lock is the kernel's (``flock``), so a killed run never leaves it held."""
+    import fcntl
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "?"
+            raise FedmamlError(
+                f"run directory {out_dir} is in use by another run (pid {owner}); wait for it "
+                "to finish, stop it, or choose another out-dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class CsvTable:
@@ -92,6 +124,8 @@ class RunRecorder:
         self.config = config
         self.rounds: dict[int, dict[str, Any]] = {}
         self.clients: list[dict[str, Any]] = []
+        #: what the run found out about itself (e.g. the clients it has), for summary.json
+        self.facts: dict[str, Any] = {}
         self.started = time.monotonic()
         self._load_existing()
         self._rounds_csv = CsvTable()
@@ -145,13 +179,20 @@ class RunRecorder:
         atomic_write(self.out_dir / ROUNDS, lambda f: f.write(rounds))
         atomic_write(self.out_dir / CLIENTS, lambda f: f.write(clients))
 
+    def updated_rounds(self, after: int = 0) -> int:
+        """How many rounds after ``after`` updated θ."""
+        return sum(
+            1 for r, row in self.rounds.items() if r > after and row.get("updated") in (True,)
+        )
+
     def write_summary(self, **extra: Any) -> dict[str, Any]:
         last = self.rounds[max(self.rounds)] if self.rounds else {}
         summary = {
             "config": self.config,
-            "rounds": len(self.rounds),
+            "rounds": max(self.rounds, default=0),
             "wall_time_s": round(self.elapsed(), 2),
             "final": {k: v for k, v in last.items() if isinstance(v, int | float)},
+            **self.facts,
             **extra,
         }
         atomic_write(self.out_dir / SUMMARY, lambda f: json.dump(summary, f, indent=2, default=str))

@@ -100,3 +100,28 @@ def test_a_restarted_superlink_resumes_from_the_last_checkpoint(tmp_path):
     for meta_round in (1, 2, 3):
         assert contributors(clients, meta_round) == {0, 1, 2}
     assert len(clients[(clients["phase"] == "train") & (clients["round"] == 3)]) == 3
+
+
+@pytest.mark.slow
+def test_two_dead_devices_of_three_end_in_bounded_time_and_are_named(tmp_path):
+    """kill -9 on 2 of 3 SuperNodes with min-train-nodes 2: no round can gather enough
+    replies. Every wait is bounded by round-timeout; the silent devices are recorded with their
+    identity, the rounds without enough replies are skipped, and the run ends."""
+    files = write_devices(tmp_path)
+    config = run_config(
+        tmp_path / "run", **{"num-rounds": 3, "min-train-nodes": 2, "round-timeout": 15.0}
+    )
+    with LocalFederation(tmp_path / "federation") as fed:
+        fed.start_superlink()
+        start_nodes(fed, files)
+        run = fed.submit(config)
+        wait_for_round(tmp_path / "run", 1, run, timeout=240)
+        fed.kill("node-1")
+        fed.kill("node-2")
+        run.wait(timeout=240)  # bounded: never "waiting for nodes" forever
+    rounds = pd.read_csv(tmp_path / "run" / "rounds.csv").set_index("round")
+    assert bool(rounds.loc[1, "updated"]) and not rounds.loc[[2, 3], "updated"].astype(bool).any()
+    clients = pd.read_csv(tmp_path / "run" / "clients.csv")
+    silent = clients[clients["status"] == "no-reply"]
+    assert set(silent["client"].astype(int)) == {1, 2}
+    assert set(silent["client_id"]) == {"train-1", "train-2"}

@@ -43,10 +43,16 @@ def centralized(cfg: RunConfig, steps: int) -> dict[str, torch.Tensor]:
     return work.train_centrally(steps, clients=list(range(cfg.num_train_clients))).params
 
 
-def assert_params_close(actual, expected):
+def assert_params_close(actual, expected, atol=1e-6):
     assert set(actual) == set(expected)
     for k in expected:
-        torch.testing.assert_close(actual[k], expected[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(actual[k], expected[k], rtol=1e-5, atol=atol)
+
+
+#: Adam divides each coordinate's step by √v: where g ≈ 0, float32 rounding differences between
+#: the clients' per-task engine and the centralized batch (and Flower's summation order) move θ
+#: by up to a few 1e-6 (seen: 2.6e-6 in 1 of 1,600 coordinates)
+ADAM_ATOL = 1e-5
 
 
 def test_one_sgd_round_equals_one_centralized_maml_step(tmp_path):
@@ -91,13 +97,13 @@ def test_adam_three_rounds_then_resume_to_five(tmp_path):
     out = simulate(cfg)
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt.round == 3 and any(k.startswith("inner_lr.") for k in ckpt.params)
-    assert_params_close(ckpt.params, centralized(cfg, 3))
+    assert_params_close(ckpt.params, centralized(cfg, 3), atol=ADAM_ATOL)
 
     resumed = cfg.replace(num_rounds=5, resume=str(out / "checkpoint.pt"))
     out = simulate(resumed)
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt.round == 5
-    assert_params_close(ckpt.params, centralized(cfg, 5))
+    assert_params_close(ckpt.params, centralized(cfg, 5), atol=ADAM_ATOL)
     assert list(pd.read_csv(out / "rounds.csv")["round"]) == [0, 1, 2, 3, 4, 5]
 
 

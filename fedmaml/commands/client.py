@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -153,7 +152,14 @@ def check_data(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from fedmaml.federated.deployment import supernode_command
-    from fedmaml.federated.processes import flower_env, free_port, stop_tree
+    from fedmaml.federated.processes import (
+        flower_env,
+        free_port,
+        new_token,
+        stop_marked,
+        stop_on_signals,
+        stop_tree,
+    )
 
     print(check_data(args), flush=True)
     port = args.port or free_port()
@@ -169,17 +175,14 @@ def run(args: argparse.Namespace) -> int:
         print(shlex.join(cmd))
         return 0
     print(f"starting the SuperNode (local API and /health on 127.0.0.1:{port})", flush=True)
-    process = subprocess.Popen(cmd, env=flower_env())
-
-    def terminate(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        code = process.wait()
-    finally:
-        stop_tree(process)
-        signal.signal(signal.SIGTERM, previous)
+    token = new_token()
+    with stop_on_signals():
+        process = subprocess.Popen(cmd, env=flower_env(token=token))
+        try:
+            code = process.wait()
+        finally:
+            stop_tree(process)
+            stop_marked(token)
     if code:
         print(f"fedmaml client: the SuperNode exited with code {code}", file=sys.stderr)
     return code

@@ -35,6 +35,8 @@ from fedmaml.federated.processes import (
     flower_bin,
     flower_env,
     free_port,
+    new_token,
+    stop_marked,
     stop_tree,
     superlink_command,
     wait_healthy,
@@ -111,7 +113,8 @@ class LocalFederation:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.home = self.root / "flwr-home"
-        self.env = flower_env(self.home)
+        self.token = new_token()
+        self.env = flower_env(self.home, self.token)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.ca_cert, self.app_dir = ca_cert, app_dir
@@ -234,6 +237,7 @@ class LocalFederation:
         running = [p for p in self.processes.values() if p.poll() is None]
         with ThreadPoolExecutor(max_workers=max(1, len(running))) as pool:
             list(pool.map(stop_tree, running))
+        stop_marked(self.token)
 
     def _start(self, name: str, cmd: list[str], health: str, timeout: float) -> subprocess.Popen:
         """Start ``cmd`` in its own session, output appended to ``root/<name>.log``."""

@@ -1,17 +1,27 @@
 """Processes fedmaml starts (SuperLink, SuperNodes): their environment, free ports, readiness,
-clean stops by pid."""
+clean stops by pid, and signals turned into the same clean stop.
+
+Every process fedmaml starts carries a run token in its environment (``FEDMAML_RUN_TOKEN``),
+inherited by everything it starts in turn (Flower's SuperExec, ``flwr-simulation``, Ray's
+daemons and workers, ``flwr-clientapp``). :func:`stop_marked` stops them by that token, so a
+process that left the tree (re-parented to init when its parent died first) is stopped too.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +44,26 @@ def flower_bin(name: str) -> str:
     return str(local) if local.exists() else name
 
 
-def flower_env(home: str | os.PathLike[str] | None = None) -> dict[str, str]:
+TOKEN = "FEDMAML_RUN_TOKEN"
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal colour codes (Flower colours its log lines)."""
+    return _ANSI.sub("", text)
+
+
+def new_token() -> str:
+    """A fresh run token, to mark every process one launch starts (:func:`stop_marked`)."""
+    return uuid.uuid4().hex
+
+
+def flower_env(
+    home: str | os.PathLike[str] | None = None, token: str | None = None
+) -> dict[str, str]:
     """This environment, quiet (:data:`QUIET_ENV`), with this venv's executables first on PATH
-    (Flower starts ``flower-superexec`` and ``flwr-clientapp`` by name) and ``FLWR_HOME`` set
-    when ``home`` is given."""
+    (Flower starts ``flower-superexec`` and ``flwr-clientapp`` by name), ``FLWR_HOME`` set
+    when ``home`` is given and the run token when ``token`` is."""
     env = {
         **os.environ,
         **QUIET_ENV,
@@ -45,6 +71,8 @@ def flower_env(home: str | os.PathLike[str] | None = None) -> dict[str, str]:
     }
     if home is not None:
         env["FLWR_HOME"] = str(home)
+    if token is not None:
+        env[TOKEN] = token
     return env
 
 
@@ -104,23 +132,86 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def stop_tree(process: subprocess.Popen, timeout: float = 10.0) -> None:
-    """Stop ``process`` and every process it started: SIGTERM, then SIGKILL after ``timeout``."""
-    pids = [process.pid, *descendants(process.pid)] if Path("/proc").is_dir() else [process.pid]
+def marked(token: str) -> list[int]:
+    """The live processes whose environment holds ``FEDMAML_RUN_TOKEN=token`` (Linux /proc;
+    processes of other users are not readable and not listed)."""
+    needle = f"{TOKEN}={token}".encode()
+    found = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (entry / "environ").read_bytes().split(b"\0") and _alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
+
+
+def stop_pids(pids: list[int], timeout: float = 10.0, wait: subprocess.Popen | None = None) -> None:
+    """SIGTERM every pid, then SIGKILL those still alive after ``timeout`` (Ray's agents ignore
+    SIGTERM); ``wait`` is reaped as it exits."""
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=timeout)
+    if wait is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            wait.wait(timeout=timeout)
     for pid in pids:
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=2)
+    if wait is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            wait.wait(timeout=2)
+
+
+def stop_tree(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop ``process`` and every process it started: SIGTERM, then SIGKILL after ``timeout``.
+    A process that has already exited is left alone (its pid may belong to another by now)."""
+    if process.poll() is not None:
+        return
+    pids = [process.pid, *descendants(process.pid)] if Path("/proc").is_dir() else [process.pid]
+    stop_pids(pids, timeout, wait=process)
+
+
+def stop_marked(token: str, timeout: float = 10.0) -> None:
+    """Stop every process still carrying the run token (after the trees were stopped: what
+    left them)."""
+    stop_pids(marked(token), timeout)
+
+
+class Stopped(KeyboardInterrupt):
+    """The command was stopped by a signal (SIGINT, SIGTERM or SIGHUP)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While the block runs, SIGINT, SIGTERM and SIGHUP raise :class:`Stopped` (in the main
+    thread), so that the block's ``finally`` clauses stop what it started, for a scheduler's or
+    ``timeout``'s SIGTERM as for Ctrl-C. Further signals are ignored until the block has
+    cleaned up; the previous handlers are restored after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def handler(signum: int, frame: object) -> None:
+        for s in signums:
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _alive(pid: int) -> bool:

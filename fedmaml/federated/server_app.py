@@ -28,11 +28,12 @@ from flwr.serverapp.strategy import (
 from fedmaml.checkpoint import Checkpoint, CheckpointSaver, load_checkpoint
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
+from fedmaml.federated import keys
 from fedmaml.federated.records import from_record, run_config, to_record
 from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.meta.outer import MetaOptimizer
 from fedmaml.meta.params import Params
-from fedmaml.results import CHECKPOINT, RunRecorder
+from fedmaml.results import CHECKPOINT, CLIENTS, RunRecorder, locked
 from fedmaml.workload import Workload
 
 app = ServerApp()
@@ -62,7 +63,7 @@ def build_aggregator(cfg: RunConfig) -> Strategy:
         fraction_evaluate=0.0,
         min_train_nodes=cfg.min_train_nodes,
         min_available_nodes=cfg.min_train_nodes,
-        weighted_by_key="task-weight" if cfg.aggregation == "uniform" else "num-examples",
+        weighted_by_key=keys.WEIGHT,  # written by MetaStrategy into each checked reply
     )
     if cfg.dp_clip > 0:
         return DifferentialPrivacyServerSideFixedClipping(
@@ -108,14 +109,27 @@ def _start(cfg: RunConfig, work: Workload) -> tuple[Params, MetaOptimizer, int]:
 
 
 def run(grid: Grid, cfg: RunConfig) -> None:
-    work = Workload.from_config(cfg)
+    """The whole run, holding its run directory; ``summary.json`` says how it ended (finished,
+    complete already, or failed with the error)."""
     out_dir = Path(cfg.out_dir)
-    recorder = RunRecorder(out_dir, cfg.to_mapping())
+    with locked(out_dir):
+        work = Workload.from_config(cfg)
+        recorder = RunRecorder(out_dir, cfg.to_mapping())
+        try:
+            _run(grid, cfg, work, recorder)
+        except FedmamlError as exc:
+            recorder.write_summary(status="failed", error=str(exc))
+            raise
+
+
+def _run(grid: Grid, cfg: RunConfig, work: Workload, recorder: RunRecorder) -> None:
+    out_dir = Path(cfg.out_dir)
     params, optimizer, offset = _start(cfg, work)
     recorder.truncate_after(offset)
     remaining = cfg.num_rounds - offset
     if remaining <= 0:
         log(INFO, "fedmaml: checkpoint is at round %d of %d; nothing to do", offset, cfg.num_rounds)
+        recorder.write_summary(status="complete", checkpoint=str(out_dir / CHECKPOINT))
         return
 
     saver = CheckpointSaver(out_dir / CHECKPOINT)
@@ -136,7 +150,13 @@ def run(grid: Grid, cfg: RunConfig) -> None:
         _train(grid, cfg, work, recorder, params, optimizer, offset, save)
     finally:
         saver.close()
-    summary = recorder.write_summary(checkpoint=str(out_dir / CHECKPOINT))
+    if not recorder.updated_rounds(after=offset):
+        raise FedmamlError(
+            f"no round updated θ in {remaining} round(s): every round had too few valid client "
+            f"replies (the reasons are in {out_dir / CLIENTS} and the log); e.g. lower inner-lr "
+            "if the clients' adaptation diverges"
+        )
+    summary = recorder.write_summary(status="finished", checkpoint=str(out_dir / CHECKPOINT))
     log(INFO, "fedmaml: finished %s; final %s", out_dir, summary["final"])
 
 

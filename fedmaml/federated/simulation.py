@@ -3,13 +3,16 @@
 It starts its own SuperLink in simulation mode (free ports, a private ``FLWR_HOME``, no
 runtime dependency installation, no update check or telemetry), submits the app with
 ``flwr run`` and the run config as a TOML file, waits for the run to end, and stops the
-SuperLink and everything it started (Ray included) by pid — nothing is left running and the
-user's ``~/.flwr`` and pyproject.toml are never touched.
+SuperLink and everything it started (Ray included) by pid and by run token — also when it is
+interrupted (Ctrl-C, SIGTERM, SIGHUP) or fails: nothing is left running, and the user's
+``~/.flwr`` and pyproject.toml are never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import subprocess
 import tempfile
 import time
@@ -27,7 +30,11 @@ from fedmaml.federated.processes import (
     flower_bin,
     flower_env,
     free_port,
+    new_token,
+    stop_marked,
+    stop_on_signals,
     stop_tree,
+    strip_ansi,
     superlink_command,
     wait_healthy,
     write_connection,
@@ -64,6 +71,11 @@ def simulate(
             f"no Flower app found at {app_dir}: run fedmaml simulate from a fedmaml source "
             "checkout (pip install -e .)"
         )
+    if app_config is None and cfg.task == "local":
+        raise FedmamlError(
+            "task 'local' trains on each device's own data and runs only in a deployment "
+            "(fedmaml client on each device); simulate task sine, omniglot, femnist or table"
+        )
     out_dir = Path(cfg.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -77,14 +89,20 @@ def simulate(
     )
     log_path = log_path or out_dir / "flower.log"
     nodes = options.num_supernodes or cfg.num_train_clients + cfg.num_heldout_clients
-    with tempfile.TemporaryDirectory(prefix="fedmaml-flwr-") as home:
+    token = new_token()
+    with (
+        stop_on_signals(),
+        tempfile.TemporaryDirectory(prefix="fedmaml-flwr-") as home,
+        open(log_path, "w") as log,
+    ):
         run_config = Path(home) / "run_config.toml"
         mapping = cfg.to_mapping() if app_config is None else dict(app_config)
         run_config.write_bytes(tomli_w.dumps(mapping).encode())
         port = free_port()
-        env = flower_env(home)
+        env = flower_env(home, token)
         write_connection(Path(home), f"127.0.0.1:{port}")
-        with open(log_path, "w") as log:
+        superlink = runner = None
+        try:
             superlink = subprocess.Popen(
                 superlink_command(port, simulation=True),
                 env=env,
@@ -93,38 +111,53 @@ def simulate(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            try:
-                wait_healthy(f"http://127.0.0.1:{port}/health", superlink, 60, log_path)
-                federation = (
-                    f"num-supernodes={nodes} client-resources-num-cpus={options.client_cpus} "
-                    f"client-resources-num-gpus={options.client_gpus}"
-                )
-                runner = subprocess.Popen(
-                    [
-                        flower_bin("flwr"),
-                        "run",
-                        str(app_dir),
-                        CONNECTION,
-                        "--stream",
-                        "--run-config",
-                        str(run_config),
-                        "--federation-config",
-                        federation,
-                    ],
-                    env=env,
-                    cwd=home,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-                _wait(runner, options.timeout, on_poll)
-            finally:
-                stop_tree(superlink)
-    if runner.returncode != 0:
+            wait_healthy(f"http://127.0.0.1:{port}/health", superlink, 60, log_path)
+            federation = (
+                f"num-supernodes={nodes} client-resources-num-cpus={options.client_cpus} "
+                f"client-resources-num-gpus={options.client_gpus}"
+            )
+            runner = subprocess.Popen(
+                [
+                    flower_bin("flwr"),
+                    "run",
+                    str(app_dir),
+                    CONNECTION,
+                    "--stream",
+                    "--run-config",
+                    str(run_config),
+                    "--federation-config",
+                    federation,
+                ],
+                env=env,
+                cwd=home,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            _wait(runner, options.timeout, on_poll)
+        finally:
+            for process in (runner, superlink):
+                if process is not None:
+                    stop_tree(process)
+            stop_marked(token)
+    if app_config is None:
+        _check_outcome(out_dir / SUMMARY, started, log_path)
+    elif runner.returncode != 0:
         raise FedmamlError(f"the Flower run failed (exit {runner.returncode}); see {log_path}")
-    summary = out_dir / SUMMARY
-    if app_config is None and not (summary.is_file() and summary.stat().st_mtime >= started):
-        raise FedmamlError(f"the ServerApp stopped before the end of the run; see {log_path}")
     return out_dir
+
+
+def _check_outcome(summary: Path, started: float, log_path: Path) -> None:
+    """Raise the ServerApp's own error when the run did not finish: from this run's
+    ``summary.json``, else (it stopped before writing one) its last error line in the log."""
+    if summary.is_file() and summary.stat().st_mtime >= started:
+        outcome = json.loads(summary.read_text())
+        if outcome.get("status") != "failed":
+            return
+        raise FedmamlError(f"{outcome.get('error')} (log: {log_path})")
+    errors = re.findall(r"ERROR\W.*?fedmaml: (.+)", strip_ansi(log_path.read_text()))
+    reason = errors[-1].strip() if errors else "the ServerApp stopped before the end of the run"
+    raise FedmamlError(f"{reason} (log: {log_path})")
 
 
 def _wait(process: subprocess.Popen, timeout: float, on_poll: Callable[[], None] | None) -> None:
