@@ -84,7 +84,7 @@ from fedmaml.federated.server_app import build_aggregator
 from fedmaml.federated.simulation import SimulationOptions, simulate
 from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.meta.outer import MetaOptimizer
-from fedmaml.results import ROUNDS, SUMMARY, RunRecorder
+from fedmaml.rundir.names import CHECKPOINT, ROUNDS, SUMMARY, RunRecorder
 from fedmaml.workload import Workload
 
 TRIVIAL_APP = Path(__file__).resolve().parent / "trivial_app"
@@ -250,7 +250,7 @@ def breakdown(cfg: RunConfig, rounds: int) -> list[tuple[str, float]]:
     strategy = MetaStrategy(
         build_aggregator(cfg), optimizer, cfg, recorder, num_rounds=rounds, timeout=60
     )
-    saver = CheckpointSaver(Path(cfg.out_dir) / "checkpoint.pt")
+    saver = CheckpointSaver(Path(cfg.out_dir) / CHECKPOINT)
 
     def checkpoint(meta_round: int) -> Checkpoint:
         return Checkpoint(

@@ -26,6 +26,7 @@ import torch
 from fedmaml.checkpoint import load_checkpoint
 from fedmaml.config import RunConfig
 from fedmaml.federated.simulation import simulate
+from fedmaml.rundir.names import CHECKPOINT
 from fedmaml.workload import Workload
 
 
@@ -71,7 +72,7 @@ def main() -> None:
         cfg = base.replace(algorithm=algorithm, out_dir=str(args.out / algorithm))
         t = time.monotonic()
         out = simulate(cfg)
-        params = load_checkpoint(out / "checkpoint.pt").params
+        params = load_checkpoint(out / CHECKPOINT).params
         rows.append((name, heldout_mse(cfg, params, args.heldout), time.monotonic() - t))
 
     central_mse = statistics.mean(rows[0][1])

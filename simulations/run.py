@@ -25,7 +25,7 @@ import pandas as pd
 from fedmaml.commands.simulate import parse_value, tomllib
 from fedmaml.config import RunConfig
 from fedmaml.federated.simulation import simulate
-from fedmaml.report import markdown_table
+from fedmaml.rundir.report import markdown_table
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

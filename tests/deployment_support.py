@@ -16,7 +16,7 @@ import torch
 from fedmaml.checkpoint import load_checkpoint
 from fedmaml.config import RunConfig
 from fedmaml.federated.deployment import LocalFederation
-from fedmaml.results import CHECKPOINT, CLIENTS, ROUNDS
+from fedmaml.rundir.names import CHECKPOINT, CLIENTS, ROUNDS
 from fedmaml.workload import Workload
 
 FEATURES, CLASSES = 8, 4

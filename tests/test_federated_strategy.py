@@ -28,7 +28,7 @@ from fedmaml.federated.records import from_record, to_record
 from fedmaml.federated.replies import BadReply, error_reason, node_info
 from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.meta.outer import MetaOptimizer
-from fedmaml.results import RunRecorder
+from fedmaml.rundir.recorder import RunRecorder
 
 
 @pytest.fixture(autouse=True)
@@ -400,7 +400,7 @@ def test_malformed_evaluate_replies_leave_only_their_node_out(tmp_path):
     missing = Message(RecordDict({}), reply_to=sent[1])
     nan = Message(RecordDict({"metrics": MetricRecord({"loss-0": float("nan")})}), reply_to=sent[2])
     text = Message(RecordDict({"metrics": ConfigRecord({"loss-0": "abc"})}), reply_to=sent[3])
-    summary = strategy._per_group(1, "evaluate", [good, missing, nan, text])
+    summary = strategy.log.per_group(1, "evaluate", [good, missing, nan, text])
     assert summary == {"seen-loss-0": 2.0, "seen-loss-1": 1.0}
     status = {r["node_id"]: r["status"] for r in recorder.clients}
     assert status == {1: "ok", 2: "failed", 3: "failed", 4: "failed"}

@@ -25,7 +25,7 @@ from fedmaml.cli import main as cli_main
 from fedmaml.commands.certs import make_dev_certs
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
-from fedmaml.federated.deployment import node_config_text, supernode_command
+from fedmaml.federated.flower_cli import node_config_text, supernode_command
 from fedmaml.federated.node import load_client, node_run_config
 from fedmaml.tasks.episodes import EpisodeSpec
 from fedmaml.tasks.local import infer_format, load_local

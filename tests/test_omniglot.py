@@ -13,13 +13,8 @@ from PIL import Image
 
 from fedmaml.errors import FedmamlError
 from fedmaml.tasks.episodes import EpisodeSpec, sample_episode
-from fedmaml.tasks.omniglot import (
-    OmniglotSource,
-    download_omniglot,
-    find_alphabets,
-    load_alphabet,
-    rotate_classes,
-)
+from fedmaml.tasks.omniglot import OmniglotSource, rotate_classes
+from fedmaml.tasks.omniglot_files import download_omniglot, find_alphabets, load_alphabet
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 FIVE_WAY = EpisodeSpec(support=1, query=5, ways=5)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fedmaml.cli import main
-from fedmaml.report import client_gains, evaluation_table, load_run
-from fedmaml.results import RunRecorder
+from fedmaml.rundir.recorder import RunRecorder
+from fedmaml.rundir.report import client_gains, evaluation_table, load_run
 
 
 def write_run(path, metric: str) -> None:

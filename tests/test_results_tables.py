@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedmaml.results import CLIENTS, ROUNDS, RunRecorder
+from fedmaml.rundir.names import CLIENTS, ROUNDS
+from fedmaml.rundir.recorder import RunRecorder
 
 
 def assert_as_pandas_wrote(path, rows: list[dict], tmp_path) -> None:

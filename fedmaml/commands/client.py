@@ -151,7 +151,7 @@ def check_data(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedmaml.federated.deployment import supernode_command
+    from fedmaml.federated.flower_cli import supernode_command
     from fedmaml.federated.processes import (
         flower_env,
         free_port,

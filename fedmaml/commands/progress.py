@@ -1,5 +1,5 @@
 """Per-round progress and the closing results table of ``fedmaml simulate``, read from the run
-directory's ``rounds.csv`` while Flower runs (the run's own log goes to ``flower.log``)."""
+directory's tables while Flower runs (the Flower processes' own log goes to ``flower.log``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmaml.config import RunConfig
-from fedmaml.results import ROUNDS
+from fedmaml.rundir.names import CHECKPOINT, CLIENTS, FLOWER_LOG, ROUNDS
 
 
 class RoundProgress:
@@ -30,7 +30,7 @@ class RoundProgress:
             self.console.print(
                 f"fedmaml: {cfg.algorithm} on {cfg.task}, {cfg.num_rounds} rounds, "
                 f"{cfg.num_train_clients} training + {cfg.num_heldout_clients} held-out clients; "
-                f"run directory {self.out_dir} (Flower log: flower.log)"
+                f"run directory {self.out_dir} (Flower log: {FLOWER_LOG})"
             )
 
     def poll(self) -> None:
@@ -59,7 +59,7 @@ class RoundProgress:
             )
 
     def finish(self, out_dir: Path, *, plot: bool) -> None:
-        from fedmaml.report import evaluation_table, load_run, metric_name, report
+        from fedmaml.rundir.report import evaluation_table, load_run, metric_name, report
 
         rounds, _, summary = load_run(out_dir)
         table = evaluation_table(rounds)
@@ -80,6 +80,6 @@ class RoundProgress:
             written = report(out_dir)
             self.console.print("wrote " + ", ".join(str(p) for p in written))
         self.console.print(
-            f"checkpoint: {out_dir / 'checkpoint.pt'}; tables: rounds.csv, clients.csv; "
+            f"checkpoint: {out_dir / CHECKPOINT}; tables: {ROUNDS}, {CLIENTS}; "
             f"wall time {summary.get('wall_time_s', '?')} s"
         )

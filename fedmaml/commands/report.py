@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedmaml.report import report
+    from fedmaml.rundir.report import report
 
     for path in report(args.run_dir):
         print(path)

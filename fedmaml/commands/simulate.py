@@ -89,7 +89,7 @@ def parse_value(text: str) -> Any:
 
 
 def collect_config(args: argparse.Namespace) -> dict[str, Any]:
-    from fedmaml.federated.simulation import APP_DIR
+    from fedmaml.federated.flower_cli import APP_DIR
 
     values: dict[str, Any] = {}
     pyproject = APP_DIR / "pyproject.toml"

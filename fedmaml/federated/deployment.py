@@ -1,18 +1,7 @@
-"""A Flower deployment of fedmaml: SuperLink, SuperNodes, connections and runs.
-
-What ``fedmaml client``, the deployment tests and the latency benchmark share (docs/deployment.md
-gives the same steps as shell commands):
-
-* :func:`supernode_command` (and ``processes.superlink_command``): the argv of
-  ``flower-supernode`` and ``flower-superlink``: over TLS, optionally with SuperNode
-  authentication (``--enable-supernode-auth`` on the SuperLink,
-  ``--auth-supernode-private-key`` on each SuperNode, keys registered with
-  ``flwr supernode register``), or insecure for local testing;
-* :func:`node_config_text`: a ``--node-config`` string from a mapping (TOML values);
-* ``processes.write_connection``: a named SuperLink connection in ``$FLWR_HOME/config.toml``,
-  the target of ``flwr run <app> <connection>``;
-* :class:`LocalFederation`: a SuperLink and SuperNodes on this machine (free ports, readiness
-  on ``/health``, one log per process, stops by pid), and ``flwr`` commands against it.
+"""A Flower deployment of fedmaml on this machine: :class:`LocalFederation`, a SuperLink and
+SuperNodes (free ports, readiness on ``/health``, one log per process, stops by pid and run
+token), and ``flwr`` commands against it. What the deployment tests and the latency benchmark
+share; the command lines themselves come from :mod:`fedmaml.federated.flower_cli`.
 """
 
 from __future__ import annotations
@@ -29,65 +18,23 @@ from typing import Any
 import tomli_w
 
 from fedmaml.errors import FedmamlError
-from fedmaml.federated.processes import (
+from fedmaml.federated.flower_cli import (
+    APP_DIR,
     CONNECTION,
-    descendants,
     flower_bin,
+    superlink_command,
+    supernode_command,
+    write_connection,
+)
+from fedmaml.federated.processes import (
+    descendants,
     flower_env,
     free_port,
     new_token,
     stop_marked,
     stop_tree,
-    superlink_command,
     wait_healthy,
-    write_connection,
 )
-from fedmaml.federated.simulation import APP_DIR
-
-
-def node_config_text(values: Mapping[str, Any]) -> str:
-    """``key=value ...`` as ``flower-supernode --node-config`` parses it (strings quoted)."""
-    parts = []
-    for key, value in values.items():
-        if not key or any(c.isspace() or c == "=" for c in key):
-            raise FedmamlError(f"node config key {key!r} must be one word without '='")
-        if isinstance(value, str) and '"' in value:
-            raise FedmamlError(f"node config {key}={value!r}: values cannot hold double quotes")
-        parts.append(f"{key}={tomli_w.dumps({'v': value}).partition('=')[2].strip()}")
-    return " ".join(parts)
-
-
-def supernode_command(
-    superlink: str,
-    *,
-    port: int,
-    node_config: Mapping[str, Any],
-    insecure: bool = False,
-    root_certificates: Path | None = None,
-    auth_key: Path | None = None,
-) -> list[str]:
-    """``flower-supernode`` connecting to ``superlink`` (host:port): insecure, or TLS verified
-    against ``root_certificates`` (the system's CAs when None), authenticated with
-    ``auth_key`` (an ECDSA private key in OpenSSH format) when given. ``port`` is the node's
-    own local API (and its ``/health``); every SuperNode on a host needs its own."""
-    if insecure and (root_certificates or auth_key):
-        raise FedmamlError(
-            "an insecure SuperNode takes no certificates or key: SuperNode authentication needs "
-            "TLS; drop --insecure or the certificate and key"
-        )
-    for path in (root_certificates, auth_key):
-        if path is not None and not Path(path).is_file():
-            raise FedmamlError(f"{path}: no such file")
-    cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--port", str(port)]
-    if insecure:
-        cmd.append("--insecure")
-    if root_certificates is not None:
-        cmd += ["--root-certificates", str(root_certificates)]
-    if auth_key is not None:
-        cmd += ["--auth-supernode-private-key", str(auth_key)]
-    if node_config:
-        cmd += ["--node-config", node_config_text(node_config)]
-    return cmd
 
 
 class LocalFederation:

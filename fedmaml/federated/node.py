@@ -24,9 +24,9 @@ from typing import Any
 
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
+from fedmaml.federated import keys
 from fedmaml.tasks.episodes import ClientData
 
-ROLES = ("train", "heldout")
 HELDOUT_FRACTION = 0.2
 
 
@@ -50,7 +50,7 @@ def identify(node_config: Mapping[str, Any], cfg: RunConfig) -> NodeIdentity:
             "supernodes"
         )
     role = str(node_config.get("role", "train"))
-    if role not in ROLES:
+    if role not in keys.ROLES:
         raise FedmamlError(f"node config role={role!r}; use role='train' or role='heldout'")
     index = node_config.get("client-index", 0)
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:

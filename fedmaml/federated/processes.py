@@ -23,9 +23,6 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import tomli_w
 
 from fedmaml.errors import FedmamlError
 
@@ -36,12 +33,6 @@ QUIET_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
-
-
-def flower_bin(name: str) -> str:
-    """The Flower executable ``name`` beside this Python (its venv), else as found on PATH."""
-    local = Path(sys.executable).with_name(name)
-    return str(local) if local.exists() else name
 
 
 TOKEN = "FEDMAML_RUN_TOKEN"
@@ -223,67 +214,3 @@ def _alive(pid: int) -> bool:
     with contextlib.suppress(OSError):
         return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
     return True
-
-
-CONNECTION = "fedmaml"
-
-
-def superlink_command(
-    port: int,
-    *,
-    host: str = "127.0.0.1",
-    ca_cert: Path | None = None,
-    cert: Path | None = None,
-    key: Path | None = None,
-    supernode_auth: bool = False,
-    database: Path | None = None,
-    simulation: bool = False,
-) -> list[str]:
-    """``flower-superlink`` serving Fleet, Control and Runtime APIs on ``host:port``: TLS when
-    the certificate files are given, insecure otherwise (local testing only). ``database``
-    keeps runs and registered SuperNodes across restarts; ``simulation`` runs the apps on
-    Flower's simulation engine instead of real SuperNodes. Its gRPC health server takes a free
-    port, so that several SuperLinks can run on one host."""
-    tls = (ca_cert, cert, key)
-    if any(tls) and not all(tls):
-        raise FedmamlError("TLS needs all three of the CA certificate, certificate and key")
-    if supernode_auth and not all(tls):
-        raise FedmamlError("SuperNode authentication needs TLS: give the SuperLink certificates")
-    cmd = [
-        flower_bin("flower-superlink"),
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--disable-runtime-dependency-installation",
-        "--health-server-address",
-        f"{host}:{free_port()}",
-    ]
-    if simulation:
-        cmd += ["--simulation", "--isolation", "subprocess"]
-    if all(tls):
-        cmd += ["--ssl-ca-certfile", str(ca_cert), "--ssl-certfile", str(cert)]
-        cmd += ["--ssl-keyfile", str(key)]
-    else:
-        cmd.append("--insecure")
-    if supernode_auth:
-        cmd.append("--enable-supernode-auth")
-    if database is not None:
-        cmd += ["--database", str(database)]
-    return cmd
-
-
-def write_connection(
-    home: Path, address: str, *, name: str = CONNECTION, root_certificates: Path | None = None
-) -> Path:
-    """``$FLWR_HOME/config.toml`` (created or replaced) with one connection ``name`` to
-    ``address``, the default: TLS verified against ``root_certificates``, else insecure."""
-    entry: dict[str, Any] = {"address": address}
-    if root_certificates is None:
-        entry["insecure"] = True
-    else:
-        entry["root-certificates"] = str(Path(root_certificates).resolve())
-    home.mkdir(parents=True, exist_ok=True)
-    path = home / "config.toml"
-    path.write_text(tomli_w.dumps({"superlink": {"default": name, name: entry}}))
-    return path

@@ -20,7 +20,7 @@ from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import keys
 from fedmaml.federated.replies import BadReply, NodeInfo, node_info
-from fedmaml.results import RunRecorder
+from fedmaml.rundir.recorder import RunRecorder
 
 
 class NodeRoles:

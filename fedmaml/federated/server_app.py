@@ -33,7 +33,9 @@ from fedmaml.federated.records import from_record, run_config, to_record
 from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.meta.outer import MetaOptimizer
 from fedmaml.meta.params import Params
-from fedmaml.results import CHECKPOINT, CLIENTS, RunRecorder, locked
+from fedmaml.rundir.lock import locked
+from fedmaml.rundir.names import CHECKPOINT, CLIENTS
+from fedmaml.rundir.recorder import RunRecorder
 from fedmaml.workload import Workload
 
 app = ServerApp()

@@ -25,9 +25,14 @@ import tomli_w
 
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
-from fedmaml.federated.processes import (
+from fedmaml.federated.flower_cli import (
+    APP_DIR,
     CONNECTION,
     flower_bin,
+    superlink_command,
+    write_connection,
+)
+from fedmaml.federated.processes import (
     flower_env,
     free_port,
     new_token,
@@ -35,13 +40,9 @@ from fedmaml.federated.processes import (
     stop_on_signals,
     stop_tree,
     strip_ansi,
-    superlink_command,
     wait_healthy,
-    write_connection,
 )
-from fedmaml.results import SUMMARY
-
-APP_DIR = Path(__file__).resolve().parents[2]
+from fedmaml.rundir.names import FLOWER_LOG, SUMMARY
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def simulate(
         if Path(cfg.data_path).exists() and cfg.data_path
         else cfg.data_path,
     )
-    log_path = log_path or out_dir / "flower.log"
+    log_path = log_path or out_dir / FLOWER_LOG
     nodes = options.num_supernodes or cfg.num_train_clients + cfg.num_heldout_clients
     token = new_token()
     with (

@@ -51,13 +51,13 @@ from fedmaml.federated.replies import (
     NormBound,
     TrainUpdate,
     UpdateSpec,
-    evaluation_metrics,
     train_update,
 )
 from fedmaml.federated.roles import NodeRoles
+from fedmaml.federated.round_log import RoundLog
 from fedmaml.meta.outer import MetaOptimizer
 from fedmaml.meta.params import Params
-from fedmaml.results import RunRecorder
+from fedmaml.rundir.recorder import RunRecorder
 
 #: rounds in a row without enough training nodes after which the run stops
 MAX_STARVED_ROUNDS = 3
@@ -110,7 +110,7 @@ class MetaStrategy(Strategy):
         self._zero = to_record({k: torch.zeros_like(v) for k, v in optimizer.params.items()})
         self._eval_nodes: dict[str, list[int]] = {}
         self._rng = random.Random(cfg.seed)
-        self._sent: dict[str, list[int]] = {}
+        self.log = RoundLog(recorder, self.roles, timeout)
         self._starved = 0
 
     def meta_round(self, server_round: int) -> int:
@@ -142,7 +142,7 @@ class MetaStrategy(Strategy):
         nodes = self.roles.wait_for_training(grid, meta_round, self.cfg.min_train_nodes)
         if len(nodes) < self.cfg.min_train_nodes:
             self._starve(meta_round, len(nodes))
-            self._sent["train"] = []
+            self.log.asked["train"] = []
             return []
         self._starved = 0
         round_config = ConfigRecord({**dict(config), keys.META_ROUND: meta_round})
@@ -156,7 +156,7 @@ class MetaStrategy(Strategy):
         )
         for message in messages:
             message.content[keys.ARRAYS] = arrays
-        self._sent["train"] = [m.metadata.dst_node_id for m in messages]
+        self.log.asked["train"] = [m.metadata.dst_node_id for m in messages]
         self.recorder.round_values(meta_round, sampled=len(messages))
         return messages
 
@@ -202,15 +202,14 @@ class MetaStrategy(Strategy):
             del updates[node]
         for node, update in updates.items():
             messages[node].content = self._checked_content(update)
-            self._row(meta_round, "train", node, "ok", **update.metrics, clipped=node in clipped)
+            self.log.row(meta_round, "train", node, "ok", **update.metrics, clipped=node in clipped)
         for node, problem in problems.items():
             log(WARNING, "fedmaml round %d: node %d left out: %s", meta_round, node, problem)
-            self._row(meta_round, "train", node, "failed", reason=problem)
-        self._record_silent("train", meta_round, messages)
+            self.log.row(meta_round, "train", node, "failed", reason=problem)
         values: dict[str, Any] = {
             "ok": len(updates),
             "failed": len(problems),
-            "no-reply": len(set(self._sent.get("train", [])) - set(messages)),
+            "no-reply": self.log.silent("train", meta_round, messages),
             "clipped": len(clipped),
         }
         if len(updates) < self.cfg.min_train_nodes:
@@ -222,20 +221,20 @@ class MetaStrategy(Strategy):
                 len(updates),
                 self.cfg.min_train_nodes,
             )
-            self._finish_round(meta_round, values | {"updated": False})
+            self.log.finish_round(meta_round, values | {"updated": False})
             return None, None
         good = [messages[n] for n in updates]
         aggregated, metrics = self.aggregator.aggregate_train(server_round, good)
         if aggregated is None:
             log(WARNING, "fedmaml round %d: aggregation returned nothing: skipped", meta_round)
-            self._finish_round(meta_round, values | {"updated": False})
+            self.log.finish_round(meta_round, values | {"updated": False})
             return None, metrics
         grads = {k: -v for k, v in from_record(aggregated).items()}
         try:
             params = self.optimizer.step(grads)
         except FedmamlError as exc:
             log(WARNING, "fedmaml round %d: meta-update skipped: %s", meta_round, exc)
-            self._finish_round(meta_round, values | {"updated": False})
+            self.log.finish_round(meta_round, values | {"updated": False})
             return None, metrics
         if metrics is not None:
             values.update(
@@ -245,7 +244,7 @@ class MetaStrategy(Strategy):
                     if k not in keys.IDENTITY and isinstance(v, int | float)
                 }
             )
-        self._finish_round(meta_round, values | {"updated": True})
+        self.log.finish_round(meta_round, values | {"updated": True})
         if self.on_update:
             self.on_update(meta_round, params, self.optimizer)
         return to_record(params), metrics
@@ -262,40 +261,6 @@ class MetaStrategy(Strategy):
             }
         )
 
-    def _row(self, meta_round: int, phase: str, node: int, status: str, **values: Any) -> None:
-        self.recorder.client_row(
-            round=meta_round,
-            phase=phase,
-            node_id=node,
-            **self.roles.identity(node),
-            status=status,
-            **values,
-        )
-
-    def _record_silent(self, phase: str, meta_round: int, replied: Iterable[int]) -> None:
-        """A row for every node that was sent a message and did not answer in time."""
-        for node in sorted(set(self._sent.get(phase, [])) - set(replied)):
-            reason = f"no reply within round-timeout={self.cfg.round_timeout:g} s (node lost?)"
-            log(WARNING, "fedmaml round %d: node %d: %s", meta_round, node, reason)
-            self._row(meta_round, phase, node, "no-reply", reason=reason)
-
-    def _finish_round(self, meta_round: int, values: dict[str, Any]) -> None:
-        self.recorder.round_values(
-            meta_round, elapsed_s=round(self.recorder.elapsed(), 3), **values
-        )
-        self.recorder.flush()
-        row = self.recorder.rounds[meta_round]
-        log(
-            INFO,
-            "fedmaml round %d: %d ok, %d failed, updated=%s, query loss %.4f -> %.4f",
-            meta_round,
-            values["ok"],
-            values["failed"],
-            values["updated"],
-            float(row.get("train-loss-before", float("nan"))),
-            float(row.get("train-loss-after", float("nan"))),
-        )
-
     # ------------------------------------------------------------------ evaluation
 
     def is_eval_round(self, server_round: int) -> bool:
@@ -308,7 +273,7 @@ class MetaStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if not self.is_eval_round(server_round):
-            self._sent["evaluate"] = []
+            self.log.asked["evaluate"] = []
             return []
         meta_round = self.meta_round(server_round)
         self.roles.refresh(grid, meta_round)
@@ -326,7 +291,7 @@ class MetaStrategy(Strategy):
                 ),
             }
         )
-        self._sent["evaluate"] = nodes
+        self.log.asked["evaluate"] = nodes
         return [Message(record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
 
     def _evaluation_nodes(self) -> list[int]:
@@ -343,7 +308,7 @@ class MetaStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         meta_round = self.meta_round(server_round)
-        summary = self._per_group(meta_round, "evaluate", replies)
+        summary = self.log.per_group(meta_round, "evaluate", replies)
         if not summary:
             return None
         self.recorder.round_values(meta_round, **summary)
@@ -360,39 +325,8 @@ class MetaStrategy(Strategy):
         messages = [
             Message(record, dst_node_id=n, message_type=keys.PERSONALIZE_TYPE) for n in nodes
         ]
-        self._sent["personalize"] = nodes
+        self.log.asked["personalize"] = nodes
         replies = grid.send_and_receive(messages, timeout=self.roles.timeout)
-        summary = self._per_group(meta_round, "personalize", replies)
+        summary = self.log.per_group(meta_round, "personalize", replies)
         self.recorder.flush()
         return summary
-
-    def _per_group(
-        self, meta_round: int, phase: str, replies: Iterable[Message]
-    ) -> dict[str, float]:
-        """Record every reply (or failure) of an evaluation-like phase; the mean of each metric
-        over the seen (training) and unseen (held-out) clients that replied, by the role the
-        server knows for the node."""
-        groups: dict[str, list[dict[str, float]]] = {"seen": [], "unseen": []}
-        replied = []
-        for m in replies:
-            node = m.metadata.src_node_id
-            replied.append(node)
-            try:
-                metrics = evaluation_metrics(m)
-            except BadReply as exc:
-                log(WARNING, "fedmaml round %d: %s on node %d: %s", meta_round, phase, node, exc)
-                self._row(meta_round, phase, node, "failed", reason=str(exc))
-                continue
-            info = self.roles.info.get(node)
-            heldout = info is not None and info.role == "heldout"
-            metrics[keys.HELDOUT] = int(heldout)
-            self._row(meta_round, phase, node, "ok", **metrics)
-            groups["unseen" if heldout else "seen"].append(metrics)
-        self._record_silent(phase, meta_round, replied)
-        names = {k for rows in groups.values() for row in rows for k in row} - set(keys.IDENTITY)
-        return {
-            f"{group}-{name}": float(np.mean([r[name] for r in rows if name in r]))
-            for group, rows in groups.items()
-            for name in sorted(names)
-            if any(name in r for r in rows)
-        }

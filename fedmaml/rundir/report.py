@@ -18,11 +18,7 @@ import pandas as pd
 
 from fedmaml.atomic import atomic_write
 from fedmaml.errors import FedmamlError
-from fedmaml.results import CLIENTS, ROUNDS, SUMMARY
-
-CURVES_PNG = "learning_curves.png"
-GAINS_PNG = "client_gains.png"
-SUMMARY_MD = "summary.md"
+from fedmaml.rundir.names import CLIENTS, CURVES_PNG, GAINS_PNG, ROUNDS, SUMMARY, SUMMARY_MD
 
 
 def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:

@@ -1,8 +1,8 @@
-"""A run's tables on disk: per-round and per-client metrics pandas reads, and a summary.
+"""Writing a run's tables: per-round and per-client metrics pandas reads, and a summary.
 
-Files in the run directory (rewritten atomically after every round, so a crash keeps them):
-``rounds.csv`` (one row per round), ``clients.csv`` (one row per client reply or failure),
-``summary.json`` (configuration, final metrics, wall time).
+``rounds.csv`` (one row per round) and ``clients.csv`` (one row per client reply or failure) are
+rewritten atomically after every round, so a crash keeps them; ``summary.json`` (configuration,
+how the run ended, final metrics, wall time) at the end.
 
 The CSV files are written as pandas writes a DataFrame of the rows (columns in order of first
 appearance, a missing or NaN value an empty field) and ``pd.read_csv`` reads back the same
@@ -13,52 +13,16 @@ slower and slower).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import numbers
-import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from fedmaml.atomic import atomic_write
-from fedmaml.errors import FedmamlError
-
-ROUNDS = "rounds.csv"
-CLIENTS = "clients.csv"
-SUMMARY = "summary.json"
-CHECKPOINT = "checkpoint.pt"
-LOCK = ".lock"
-
-
-@contextlib.contextmanager
-def locked(out_dir: Path) -> Iterator[None]:
-    """Hold the run directory for one run: a second run into it (the same ``flwr run``
-    submitted twice) stops with a clear error instead of writing the same checkpoint and
-    tables. The lock is the kernel's (``flock``), so a killed run never leaves it held."""
-    import fcntl
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / LOCK, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            owner = handle.read().strip() or "?"
-            raise FedmamlError(
-                f"run directory {out_dir} is in use by another run (pid {owner}); wait for it "
-                "to finish, stop it, or choose another out-dir"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+from fedmaml.rundir.names import CLIENTS, ROUNDS, SUMMARY
 
 
 class CsvTable:
