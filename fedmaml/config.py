@@ -8,9 +8,10 @@ stops with one message naming the key and the allowed values.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fedmaml.errors import FedmamlError
@@ -35,52 +36,82 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _key(default: Any, help: str) -> Any:
+    """A run-config key: its default and its one-line help (``fedmaml simulate --help``)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a federated meta-learning run needs. Defaults: MAML on sinusoids."""
 
-    task: str = "sine"
-    data_path: str = ""
-    label_column: str = "label"
-    user_column: str = "user"
-    feature_columns: str = ""
-    partition: str = "iid"
-    partition_alpha: float = 0.5
-    partition_classes: int = 2
-    cache_dir: str = ""
-    input_shape: str = ""
-    num_classes: int = 0
-    model: str = ""
-    algorithm: str = "maml"
-    inner_steps: int = 1
-    inner_lr: float = 0.01
-    eval_steps: int = 5
-    meta_optimizer: str = "adam"
-    meta_lr: float = 0.003
-    num_rounds: int = 300
-    num_train_clients: int = 100
-    num_heldout_clients: int = 20
-    fraction_train: float = 0.1
-    min_train_nodes: int = 2
-    aggregation: str = "uniform"
-    aggregator: str = "mean"
-    dp_clip: float = 0.0
-    dp_noise: float = 0.0
-    max_update_norm: float = 0.0
-    support_size: int = 10
-    query_size: int = 10
-    ways: int = 0
-    local_episodes: int = 1
-    eval_every: int = 50
-    eval_clients: int = 20
-    eval_episodes: int = 1
-    seed: int = 0
-    out_dir: str = "runs/latest"
-    resume: str = ""
-    device: str = "auto"
-    batching: str = "auto"
-    round_timeout: float = 600.0
-    personalize: bool = False
+    task: str = _key(
+        "sine",
+        "data: sine (built in), omniglot, femnist, table (these need "
+        "data-path), or local (deployment: each device brings its own data)",
+    )
+    data_path: str = _key("", "the data of task omniglot, femnist or table (file or folder)")
+    label_column: str = _key("label", "table: the label column")
+    user_column: str = _key(
+        "user",
+        "table: the column naming each row's user (one client per "
+        "user); empty: split the rows with partition",
+    )
+    feature_columns: str = _key(
+        "", "table: comma-separated feature columns (empty: every other numeric column)"
+    )
+    partition: str = _key(
+        "iid",
+        "table without users: how flwr-datasets splits the rows into "
+        "clients (iid, dirichlet, pathological)",
+    )
+    partition_alpha: float = _key(0.5, "partition dirichlet: label shares ~ Dir(alpha)")
+    partition_classes: int = _key(2, "partition pathological: labels per client")
+    cache_dir: str = _key(
+        "", "omniglot: a folder for the resized alphabets, shared by the simulated clients"
+    )
+    input_shape: str = _key("", "task local: one example's shape, d or C,H,W")
+    num_classes: int = _key(0, "task local: number of classes (0: regression)")
+    model: str = _key("", "model name (empty: the task's default)")
+    algorithm: str = _key(
+        "maml", "meta-learning algorithm (fedavg: the FedAvg + fine-tuning baseline)"
+    )
+    inner_steps: int = _key(1, "K, adaptation steps on a client's support set in training")
+    inner_lr: float = _key(0.01, "α, the inner step size (the initial value under metasgd)")
+    eval_steps: int = _key(5, "evaluation reports the metric after 0..eval-steps steps")
+    meta_optimizer: str = _key("adam", "the server's optimizer of θ")
+    meta_lr: float = _key(0.003, "β, the server's step size")
+    num_rounds: int = _key(300, "federated rounds (meta-updates)")
+    num_train_clients: int = _key(100, "training clients (tasks)")
+    num_heldout_clients: int = _key(20, "clients never trained on, for evaluation (unseen users)")
+    fraction_train: float = _key(0.1, "share of the training clients sampled per round")
+    min_train_nodes: int = _key(2, "valid replies a round needs to update θ")
+    aggregation: str = _key(
+        "uniform", "uniform over tasks (the MAML objective) or weighted by query examples"
+    )
+    aggregator: str = _key("mean", "the Flower strategy that aggregates the meta-gradients")
+    dp_clip: float = _key(0.0, "central differential privacy: clipping norm C (0: off)")
+    dp_noise: float = _key(0.0, "central differential privacy: noise multiplier σ")
+    max_update_norm: float = _key(
+        0.0,
+        "bound on a reply's update norm: 0 leaves out replies "
+        "above 1000x the typical norm, > 0 clips to it, inf: none",
+    )
+    support_size: int = _key(10, "support examples per episode (per class when ways > 0)")
+    query_size: int = _key(10, "query examples per episode (per class when ways > 0)")
+    ways: int = _key(0, "N-way episodes (0: the data's own labels)")
+    local_episodes: int = _key(1, "episodes per client per round (their meta-gradients averaged)")
+    eval_every: int = _key(50, "evaluate every this many rounds (and at the last)")
+    eval_clients: int = _key(20, "clients evaluated per group (seen, unseen)")
+    eval_episodes: int = _key(1, "episodes averaged per evaluated client")
+    seed: int = _key(0, "seed of the clients' episodes, the split and the initial θ")
+    out_dir: str = _key("runs/latest", "run directory")
+    resume: str = _key("", "checkpoint to resume from; auto: the run directory's, if any")
+    overwrite: bool = _key(False, "replace a finished or stopped run in out-dir (else refused)")
+    device: str = _key("auto", "auto (cuda when available), cpu, cuda or cuda:N")
+    batching: str = _key("auto", "meta-gradients of a client's episodes: vmap or a loop")
+    round_timeout: float = _key(600.0, "seconds a round waits for slow or dead clients")
+    personalize: bool = _key(False, "after training, every client personalizes θ on its device")
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -175,9 +206,11 @@ class RunConfig:
         for key, value in values.items():
             name = key.replace("-", "_")
             if name not in known:
+                keys = sorted(k.replace("_", "-") for k in known)
+                close = difflib.get_close_matches(key.replace("_", "-"), keys, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
                 raise FedmamlError(
-                    f"unknown config key {key!r}; known keys: "
-                    + ", ".join(sorted(k.replace("_", "-") for k in known))
+                    f"unknown config key {key!r}; {hint}known keys: " + ", ".join(keys)
                 )
             kwargs[name] = _coerce(name, value, type(getattr(cls(), name)))
         return cls(**kwargs)

@@ -187,9 +187,18 @@ def test_open_source_femnist(tmp_path):
 
     root = _write_leaf(tmp_path / "leaf", {"a": 10, "b": 10, "c": 10}, {"a": 2, "b": 2, "c": 2})
     cfg = RunConfig(
-        task="femnist", data_path=str(root), num_heldout_clients=1, support_size=2, query_size=2
+        task="femnist",
+        data_path=str(root),
+        num_train_clients=2,
+        num_heldout_clients=1,
+        min_train_nodes=2,
+        support_size=2,
+        query_size=2,
     )
     src = open_source(cfg)
     assert (src.num_clients("train"), src.num_clients("heldout")) == (2, 1)
+    # more clients than the data has: refused before any round, naming the counts and the fix
+    with pytest.raises(FedmamlError, match="has 3 usable; lower num-train-clients to 2"):
+        open_source(cfg.replace(num_train_clients=3))
     with pytest.raises(FedmamlError, match="no such file or folder"):
         open_source(cfg.replace(data_path=str(tmp_path / "absent")))

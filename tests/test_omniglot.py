@@ -174,6 +174,8 @@ def test_cache_dir_run_config_key_reaches_the_loader(tmp_path):
             "task": "omniglot",
             "data-path": str(tmp_path),
             "cache-dir": str(cache),
+            "num-train-clients": 2,
+            "min-train-nodes": 2,
             "num-heldout-clients": 0,
             "ways": 5,
             "support-size": 1,
@@ -242,9 +244,19 @@ def test_open_source_omniglot(tmp_path):
 
     _write_tree(tmp_path / "images_background", {"Alpha": 2, "Beta": 2}, drawings=4)
     _write_tree(tmp_path / "images_evaluation", {"Gamma": 2}, drawings=4)
-    cfg = RunConfig(task="omniglot", data_path=str(tmp_path), ways=5, support_size=1, query_size=2)
+    cfg = RunConfig(
+        task="omniglot",
+        data_path=str(tmp_path),
+        num_train_clients=2,
+        num_heldout_clients=1,
+        ways=5,
+        support_size=1,
+        query_size=2,
+    )
     src = open_source(cfg)
     assert (src.client_ids(), src.client_ids("heldout")) == (["Alpha", "Beta"], ["Gamma"])
+    with pytest.raises(FedmamlError, match="has 2 usable; lower num-train-clients to 2"):
+        open_source(cfg.replace(num_train_clients=3))
     assert src.model_kwargs()["ways"] == 5
     with pytest.raises(FedmamlError, match="no such file or folder"):
         open_source(cfg.replace(data_path=str(tmp_path / "absent")))

@@ -133,12 +133,12 @@ def _bad_cases(files: dict[str, Path], d: Path) -> dict[str, tuple[list[str], st
         "wrong label column": ([*one, str(files["one"]), "--label-column", "q"], "['q']"),
         "non-numeric": (
             [*one, str(_write(d / "text.csv", "x,y\n1,2\n3,abc\n4,5\n"))],
-            "non-numeric value 'abc'",
+            "non-numeric value(s) (first at row 1)",
         ),
         "nan": ([*one, str(_write(d / "nan.csv", "x,y\n1,2\n3,\n4,5\n"))], "NaN"),
         "unseen class": (
             [*classes, str(_write(d / "cls.csv", "a,b,label\n0,0,0\n1,1,1\n2,2,3\n3,3,2\n"))],
-            "labels [3]",
+            "1 row(s) whose label is not a class id (first at row 2)",
         ),
         "too few rows": ([*one, str(files["one"]), "--support-size", "50"], "support size 50"),
         "another feature count": (

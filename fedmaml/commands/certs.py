@@ -95,9 +95,12 @@ def make_dev_certs(
     from cryptography.x509.oid import NameOID
 
     from fedmaml.atomic import atomic_write
+    from fedmaml.federated.flower_cli import check_host
 
     if nodes < 0 or days < 1 or not hosts:
         raise FedmamlError("give --nodes >= 0, --days >= 1 and at least one --host")
+    for host in hosts:
+        check_host(host)
     out = Path(directory)
     names = ["ca.crt", "ca.key", "server.crt", "server.key"]
     names += [f"node-{i}{ext}" for i in range(nodes) for ext in ("", ".pub")]
@@ -158,9 +161,8 @@ def make_dev_certs(
             + f" fedmaml-node-{i}\n".encode()
         )
     for file, data in files.items():
-        atomic_write(out / file, lambda f, data=data: f.write(data), mode="wb")
-        if file.endswith((".crt", ".pub")):
-            (out / file).chmod(0o644)
+        private = not file.endswith((".crt", ".pub"))
+        atomic_write(out / file, lambda f, data=data: f.write(data), mode="wb", private=private)
     return DevCerts(
         out / "ca.crt",
         out / "ca.key",

@@ -174,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_command:
         print(shlex.join(cmd))
         return 0
+    probe_superlink(args.superlink, insecure=args.insecure, ca=args.root_certificates)
     print(f"starting the SuperNode (local API and /health on 127.0.0.1:{port})", flush=True)
     token = new_token()
     with stop_on_signals():
@@ -186,3 +187,48 @@ def run(args: argparse.Namespace) -> int:
     if code:
         print(f"fedmaml client: the SuperNode exited with code {code}", file=sys.stderr)
     return code
+
+
+def probe_superlink(address: str, *, insecure: bool, ca: Path | None, timeout: float = 5.0) -> None:
+    """Fail now, with the reason, where the SuperNode would retry silently forever: a SuperLink
+    that cannot be reached, one that speaks TLS to an ``--insecure`` node, or one whose TLS
+    certificate the node cannot verify."""
+    import socket
+    import ssl
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+    except OSError as exc:
+        raise FedmamlError(
+            f"cannot reach the SuperLink at {address} ({exc.strerror or exc}); check the "
+            "address and that the SuperLink is running"
+        ) from None
+    with sock:
+        if insecure:
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        else:
+            context = ssl.create_default_context(cafile=str(ca) if ca else None)
+        context.set_alpn_protocols(["h2"])
+        try:
+            with context.wrap_socket(sock, server_hostname=host):
+                tls = True
+        except ssl.SSLCertVerificationError as exc:
+            raise FedmamlError(
+                f"the SuperLink at {address} speaks TLS but its certificate cannot be verified "
+                f"({exc.verify_message}); give --root-certificates with the CA that signed it"
+            ) from None
+        except (ssl.SSLError, OSError):
+            tls = False
+    if insecure and tls:
+        raise FedmamlError(
+            f"the SuperLink at {address} speaks TLS; drop --insecure and give "
+            "--root-certificates with the CA that signed its certificate"
+        )
+    if not insecure and not tls:
+        raise FedmamlError(
+            f"the SuperLink at {address} does not speak TLS (an insecure SuperLink, for local "
+            "testing only); start it with its certificates, or pass --insecure"
+        )

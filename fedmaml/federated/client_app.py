@@ -22,6 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmaml.federated import keys
+from fedmaml.federated.app_logging import through_flower
 from fedmaml.federated.client_errors import one_line_errors
 from fedmaml.federated.records import from_record, run_config, to_record
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from fedmaml.workload import Workload
 
 app = ClientApp(mods=[one_line_errors])
+through_flower()
 
 
 def _node(context: Context) -> tuple[RunConfig, NodeIdentity, ClientData, Workload]:

@@ -15,6 +15,8 @@ their command lines here; docs/deployment.md gives the same steps as shell comma
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +28,34 @@ from fedmaml.errors import FedmamlError
 from fedmaml.federated.processes import free_port
 
 APP_DIR = Path(__file__).resolve().parents[2]
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def check_host(host: str) -> str:
+    """``host`` if it is an IP address or a DNS name (RFC 1123 labels), else one clear error."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return host
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    if not host or len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise FedmamlError(
+            f"{host!r} is not a host name or IP address; give e.g. 127.0.0.1, "
+            "link.example.org or [::1]"
+        )
+    return host
+
+
+def check_address(address: str) -> str:
+    """``HOST:PORT`` (IPv6 as ``[::1]:9092``) checked, else one clear error."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise FedmamlError(
+            f"{address!r} is not HOST:PORT; give the SuperLink's address, e.g. 127.0.0.1:9092"
+        )
+    check_host(host)
+    return address
 
 
 def flower_bin(name: str) -> str:
@@ -123,6 +153,7 @@ def supernode_command(
     against ``root_certificates`` (the system's CAs when None), authenticated with
     ``auth_key`` (an ECDSA private key in OpenSSH format) when given. ``port`` is the node's
     own local API (and its ``/health``); every SuperNode on a host needs its own."""
+    check_address(superlink)
     if insecure and (root_certificates or auth_key):
         raise FedmamlError(
             "an insecure SuperNode takes no certificates or key: SuperNode authentication needs "

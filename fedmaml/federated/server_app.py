@@ -25,20 +25,24 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedmaml.checkpoint import Checkpoint, CheckpointSaver, load_checkpoint
+from fedmaml.checkpoint import Checkpoint, CheckpointSaver
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import keys
+from fedmaml.federated.app_logging import through_flower
 from fedmaml.federated.records import from_record, run_config, to_record
 from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.meta.outer import MetaOptimizer
 from fedmaml.meta.params import Params
+from fedmaml.run_start import start
 from fedmaml.rundir.lock import locked
 from fedmaml.rundir.names import CHECKPOINT, CLIENTS
 from fedmaml.rundir.recorder import RunRecorder
+from fedmaml.rundir.state import check_run_dir, prepare_run_dir
 from fedmaml.workload import Workload
 
 app = ServerApp()
+through_flower()
 
 AGGREGATORS: dict[str, type[FedAvg]] = {
     "mean": FedAvg,
@@ -77,44 +81,13 @@ def build_aggregator(cfg: RunConfig) -> Strategy:
     return aggregator
 
 
-def resume_path(cfg: RunConfig) -> str:
-    """The checkpoint to continue from: ``resume``, where ``"auto"`` means the run directory's
-    checkpoint when it has one (so the same command starts a run or resumes it), else none."""
-    if cfg.resume != "auto":
-        return cfg.resume
-    path = Path(cfg.out_dir) / CHECKPOINT
-    return str(path) if path.is_file() else ""
-
-
-def _start(cfg: RunConfig, work: Workload) -> tuple[Params, MetaOptimizer, int]:
-    """θ, the meta-optimizer and the round to continue from (0 for a fresh run)."""
-    params = work.initial_params()
-    resume = resume_path(cfg)
-    if not resume:
-        return params, MetaOptimizer(params, cfg.meta_optimizer, cfg.meta_lr), 0
-    ckpt = load_checkpoint(resume)
-    if ckpt.model != cfg.model_name or ckpt.model_kwargs != work.model_kwargs:
-        raise FedmamlError(
-            f"checkpoint {resume} holds model {ckpt.model} {ckpt.model_kwargs}, this run "
-            f"uses {cfg.model_name} {work.model_kwargs}; resume with the same task and model"
-        )
-    if set(ckpt.params) != set(params):
-        raise FedmamlError(
-            f"checkpoint {resume} has other parameters than this run (e.g. trained with "
-            "another algorithm's learned step sizes); resume with the same algorithm"
-        )
-    optimizer = MetaOptimizer(ckpt.params, cfg.meta_optimizer, cfg.meta_lr)
-    if ckpt.optimizer_state is not None:
-        optimizer.load_state_dict(ckpt.optimizer_state)
-    log(INFO, "fedmaml: resuming from %s at round %d", resume, ckpt.round)
-    return optimizer.current(), optimizer, ckpt.round
-
-
 def run(grid: Grid, cfg: RunConfig) -> None:
     """The whole run, holding its run directory; ``summary.json`` says how it ended (finished,
     complete already, or failed with the error)."""
     out_dir = Path(cfg.out_dir)
+    check_run_dir(cfg)
     with locked(out_dir):
+        prepare_run_dir(cfg)
         work = Workload.from_config(cfg)
         recorder = RunRecorder(out_dir, cfg.to_mapping())
         try:
@@ -126,7 +99,10 @@ def run(grid: Grid, cfg: RunConfig) -> None:
 
 def _run(grid: Grid, cfg: RunConfig, work: Workload, recorder: RunRecorder) -> None:
     out_dir = Path(cfg.out_dir)
-    params, optimizer, offset = _start(cfg, work)
+    begin = start(cfg, work)
+    params, optimizer, offset = begin.params, begin.optimizer, begin.round
+    if begin.resumed_from:
+        log(INFO, "fedmaml: resuming from %s at round %d", begin.resumed_from, offset)
     recorder.truncate_after(offset)
     remaining = cfg.num_rounds - offset
     if remaining <= 0:

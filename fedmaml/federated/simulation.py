@@ -6,6 +6,10 @@ runtime dependency installation, no update check or telemetry), submits the app 
 SuperLink and everything it started (Ray included) by pid and by run token — also when it is
 interrupted (Ctrl-C, SIGTERM, SIGHUP) or fails: nothing is left running, and the user's
 ``~/.flwr`` and pyproject.toml are never touched.
+
+The processes' output goes, without colour codes, to ``flower.log`` in the run directory
+(appended to when the run resumes), and each line to an optional ``on_line`` callback: the
+command shows fedmaml's own messages (start-up stages, warnings, errors) as they come.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import re
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -59,13 +64,16 @@ def simulate(
     *,
     log_path: Path | None = None,
     on_poll: Callable[[], None] | None = None,
+    on_line: Callable[[str], None] | None = None,
     app_dir: Path = APP_DIR,
     app_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Run ``cfg`` as a Flower simulation; return the run directory (``cfg.out_dir``).
 
-    ``app_dir`` and ``app_config`` run another Flower app (a benchmark's baseline) the same way,
-    with that run config; ``cfg`` then gives only the run directory and the number of nodes.
+    ``on_poll`` is called about once a second while the run goes on, ``on_line`` with every
+    line of the Flower processes' output. ``app_dir`` and ``app_config`` run another Flower app
+    (a benchmark's baseline) the same way, with that run config; ``cfg`` then gives only the
+    run directory and the number of nodes.
     """
     if not (app_dir / "pyproject.toml").is_file():
         raise FedmamlError(
@@ -94,7 +102,7 @@ def simulate(
     with (
         stop_on_signals(),
         tempfile.TemporaryDirectory(prefix="fedmaml-flwr-") as home,
-        open(log_path, "w") as log,
+        _LogPump(log_path, append=bool(cfg.resume), on_line=on_line) as log,
     ):
         run_config = Path(home) / "run_config.toml"
         mapping = cfg.to_mapping() if app_config is None else dict(app_config)
@@ -108,10 +116,11 @@ def simulate(
                 superlink_command(port, simulation=True),
                 env=env,
                 cwd=home,
-                stdout=log,
+                stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+            log.follow(superlink)
             wait_healthy(f"http://127.0.0.1:{port}/health", superlink, 60, log_path)
             federation = (
                 f"num-supernodes={nodes} client-resources-num-cpus={options.client_cpus} "
@@ -131,10 +140,11 @@ def simulate(
                 ],
                 env=env,
                 cwd=home,
-                stdout=log,
+                stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+            log.follow(runner)
             _wait(runner, options.timeout, on_poll)
         finally:
             for process in (runner, superlink):
@@ -172,3 +182,40 @@ def _wait(process: subprocess.Popen, timeout: float, on_poll: Callable[[], None]
             on_poll()
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=1.0)
+
+
+class _LogPump:
+    """The processes' output, line by line, into the log file (colour codes stripped) and to
+    ``on_line``; one reader thread per process. Leaving the block waits for the readers (the
+    processes are stopped by then), so the log is complete."""
+
+    def __init__(self, path: Path, *, append: bool, on_line: Callable[[str], None] | None) -> None:
+        self.path, self.append, self.on_line = path, append, on_line
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> _LogPump:
+        self._file = open(self.path, "a" if self.append else "w", encoding="utf-8")
+        if self.append:
+            self._file.write(f"\n===== resumed {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
+        return self
+
+    def follow(self, process: subprocess.Popen) -> None:
+        thread = threading.Thread(target=self._read, args=(process,), daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _read(self, process: subprocess.Popen) -> None:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = strip_ansi(raw.decode("utf-8", errors="replace"))
+            with self._lock:
+                self._file.write(line)
+                self._file.flush()
+            if self.on_line is not None:
+                self.on_line(line.rstrip("\n"))
+
+    def __exit__(self, *exc: object) -> None:
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._file.close()

@@ -79,6 +79,14 @@ class MetaOptimizer:
                 p.copy_(params[k])
         self.optimizer.load_state_dict(state)
 
+    def set_lr(self, lr: float) -> float:
+        """Use step size ``lr`` from now on (e.g. after loading a state dict, which restores the
+        saved one); return the one it replaces."""
+        old = float(self.optimizer.param_groups[0]["lr"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return old
+
     def current(self) -> Params:
         return {k: v.detach().clone() for k, v in self.params.items()}
 

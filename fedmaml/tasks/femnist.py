@@ -250,7 +250,14 @@ class FemnistSource:
             spec,
             "writers",
         )
-        train, held = split_clients(usable, num_heldout_clients, seed, num_train_clients)
+        train, held = split_clients(
+            usable,
+            num_heldout_clients,
+            seed,
+            num_train_clients,
+            what="writers",
+            skipped=len(self._writers) - len(usable),
+        )
         self._ids = {"train": train, "heldout": held}
 
     @classmethod

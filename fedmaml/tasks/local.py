@@ -222,11 +222,10 @@ def _read_leaf(path: Path, user: str | None) -> tuple[Tensor, Tensor]:
     if user is None and len(users) == 1:
         user = next(iter(users))
     if user not in users:
-        shown = ", ".join(sorted(users)[:5]) + (" ..." if len(users) > 5 else "")
         wanted = "which one is this device's" if user is None else f"not user {user!r}"
         raise FedmamlError(
-            f"{path}: the LEAF file holds {len(users)} users ({shown or 'none'}), {wanted}; "
-            "name the device's user (node config user=ID, fedmaml client --user ID)"
+            f"{path}: the LEAF file holds {len(users)} users, {wanted}; name the device's user "
+            "(node config user=ID, fedmaml client --user ID; the file's 'users' list has the ids)"
         )
     return users[user]
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from fedmaml.errors import FedmamlError
 from fedmaml.tasks.episodes import ClientData, EpisodeSpec
 from fedmaml.tasks.omniglot_files import SPLITS, Alphabet, find_alphabets, load_alphabet
-from fedmaml.tasks.partition import holdout_split, keep_usable, split_clients
+from fedmaml.tasks.partition import check_counts, holdout_split, keep_usable, split_clients
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +70,29 @@ class OmniglotSource:
             "alphabets",
         )
         by_split = {s: [n for n in usable if alphabets[n].split == s] for s in SPLITS}
+        skipped = len(alphabets) - len(usable)
         if by_split["background"] and by_split["evaluation"]:
             train, held = by_split["background"], by_split["evaluation"]
+            check_counts(
+                "alphabets",
+                num_train_clients or len(train),
+                num_heldout_clients or 0,
+                len(train),
+                heldout_available=len(held),
+                skipped=skipped,
+            )
             train = train[:num_train_clients] if num_train_clients else train
             held = held[:num_heldout_clients] if num_heldout_clients is not None else held
         else:
             only = next(s for s in SPLITS if by_split[s])
             log.info("only %s alphabets found; holding out some of them", only)
             train, held = split_clients(
-                by_split[only], num_heldout_clients or 0, seed, num_train_clients
+                by_split[only],
+                num_heldout_clients or 0,
+                seed,
+                num_train_clients,
+                what="alphabets",
+                skipped=skipped,
             )
         counts = {s: sum(a.split == s for a in alphabets.values()) for s in SPLITS}
         log.info(

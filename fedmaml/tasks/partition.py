@@ -45,8 +45,10 @@ def partition_rows(
     alpha: float = 0.5,
     classes_per_partition: int = 2,
     seed: int = 0,
+    min_rows: int = 1,
 ) -> list[np.ndarray]:
-    """Row positions (into ``df``) of each of ``num_partitions`` clients."""
+    """Row positions (into ``df``) of each of ``num_partitions`` clients. A Dirichlet partition
+    is redrawn (by flwr-datasets) until every client has at least ``min_rows`` rows."""
     from datasets import Dataset
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
@@ -79,7 +81,7 @@ def partition_rows(
             num_partitions=num_partitions,
             partition_by=label_column,
             alpha=alpha,
-            min_partition_size=1,
+            min_partition_size=min(min_rows, len(df) // num_partitions),
             seed=seed,
         )
     else:
@@ -103,23 +105,63 @@ def partition_rows(
 
 
 def split_clients(
-    ids: Sequence[str], num_heldout: int, seed: int, num_train: int | None = None
+    ids: Sequence[str],
+    num_heldout: int,
+    seed: int,
+    num_train: int | None = None,
+    *,
+    what: str = "clients",
+    skipped: int = 0,
 ) -> tuple[list[str], list[str]]:
     """(train ids, held-out ids): held-out = first ``num_heldout`` of a seeded permutation of
-    ``sorted(ids)``; train = the rest, at most ``num_train`` of them; both returned sorted."""
+    ``sorted(ids)``; train = the rest, ``num_train`` of them. Asking for more clients than
+    there are (``skipped`` were dropped as too small before) is an error naming the counts."""
     ordered = sorted(ids)
-    if num_heldout >= len(ordered):
-        raise FedmamlError(
-            f"{len(ordered)} usable clients cannot leave {num_heldout} held out and any for "
-            "training; lower num-heldout-clients"
-        )
+    check_counts(what, num_train or 1, num_heldout, len(ordered), skipped=skipped)
     perm = torch.randperm(len(ordered), generator=torch.Generator().manual_seed(seed)).tolist()
     heldout = sorted(ordered[i] for i in perm[:num_heldout])
     train = sorted(ordered[i] for i in perm[num_heldout:])
     if num_train is not None and num_train < len(train):
-        log.info("using %d of %d training clients (num-train-clients)", num_train, len(train))
+        log.info("using %d of %d training %s (num-train-clients)", num_train, len(train), what)
         train = train[:num_train]
     return train, heldout
+
+
+def check_counts(
+    what: str,
+    num_train: int,
+    num_heldout: int,
+    available: int,
+    *,
+    heldout_available: int | None = None,
+    skipped: int = 0,
+) -> None:
+    """Refuse client counts the data cannot give, before any round: ``available`` usable
+    clients for training and held-out ones together, or ``available`` for training and
+    ``heldout_available`` held out when the data fixes the two groups."""
+    dropped = f" ({skipped} more were too small for the episodes)" if skipped else ""
+    if heldout_available is None:
+        if num_train + num_heldout > available:
+            fit = max(available - num_heldout, 0)
+            raise FedmamlError(
+                f"num-train-clients={num_train} and num-heldout-clients={num_heldout} ask for "
+                f"{num_train + num_heldout} {what}, but the data has {available} usable{dropped}; "
+                + (
+                    f"lower num-train-clients to {fit}"
+                    if fit
+                    else f"lower num-heldout-clients below {available}"
+                )
+            )
+        return
+    for key, asked, have, group in (
+        ("num-train-clients", num_train, available, "training"),
+        ("num-heldout-clients", num_heldout, heldout_available, "held-out"),
+    ):
+        if asked > have:
+            raise FedmamlError(
+                f"{key}={asked} asks for {asked} {group} {what}, but the data has {have} usable"
+                f"{dropped}; lower {key} to {have}"
+            )
 
 
 def holdout_split(

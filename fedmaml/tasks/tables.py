@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".csv", ".parquet", ".pq")
-_SHOW = 5
 
 
 def read_table(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -156,8 +156,8 @@ def _numeric(df: pd.DataFrame, column: str, source: str) -> np.ndarray:
         if bad.any():
             row = series.index[int(np.flatnonzero(bad.to_numpy())[0])]
             raise FedmamlError(
-                f"{source}: column {column!r} has a non-numeric value "
-                f"{series.loc[row]!r} at row {row}; encode it as a number or drop the column"
+                f"{source}: column {column!r} has {int(bad.sum())} non-numeric value(s) (first "
+                f"at row {row}); encode them as numbers or drop the column"
             )
         series = converted
     values = series.to_numpy(dtype=np.float64, na_value=np.nan)
@@ -181,14 +181,12 @@ def _integer_labels(df: pd.DataFrame, column: str) -> bool:
 def class_labels(labels: np.ndarray, num_classes: int | None, column: str, source: str) -> Tensor:
     whole = labels == np.round(labels)
     limit = np.inf if num_classes is None else num_classes
-    bad = np.unique(labels[~whole | (labels < 0) | (labels >= limit)])
+    bad = np.flatnonzero(~whole | (labels < 0) | (labels >= limit))
     if bad.size:
         allowed = "integers >= 0" if num_classes is None else f"integers 0..{num_classes - 1}"
-        shown = [float(v) if v % 1 else int(v) for v in bad[:_SHOW]]
         raise FedmamlError(
-            f"{source}: label column {column!r} has labels {shown}"
-            f"{' ...' if bad.size > _SHOW else ''} that are not class ids; "
-            f"classification labels must be {allowed}"
+            f"{source}: label column {column!r} has {bad.size} row(s) whose label is not a class "
+            f"id (first at row {int(bad[0])}); classification labels must be {allowed}"
         )
     return torch.from_numpy(labels.astype(np.int64))
 
@@ -269,7 +267,9 @@ class TableSource:
             for k, (cid, idx) in enumerate(rows.items())
         }
         usable = keep_usable(list(rows), self._pool_labels, spec, "clients")
-        train, held = split_clients(usable, num_heldout_clients, seed, num_train_clients)
+        train, held = split_clients(
+            usable, num_heldout_clients, seed, num_train_clients, skipped=len(rows) - len(usable)
+        )
         self._ids = {"train": train, "heldout": held}
         self._clients: dict[tuple[str, int], ClientData] = {}
 
@@ -296,9 +296,18 @@ class TableSource:
             alpha=how.alpha,
             classes_per_partition=how.classes_per_partition,
             seed=seed,
+            min_rows=self._rows_needed(),
         )
         width = len(str(n - 1))
         return {f"part-{i:0{width}d}": idx for i, idx in enumerate(parts)}
+
+    def _rows_needed(self) -> int:
+        """Rows a client needs for one training episode in its training pool (and one held-out
+        row): the least a Dirichlet partition gives each client."""
+        if self.spec is None:
+            return 1
+        per_episode = (self.spec.support + self.spec.query) * (self.spec.ways or 1)
+        return math.ceil(per_episode / (1 - self.heldout_fraction)) + 1
 
     def _pool_labels(self, cid: str) -> tuple[Tensor, Tensor | None]:
         train, test = self._pools[cid]
