@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up .venv (once, or again when pyproject.toml/constraints.txt change) and run a job.
 
-    python3 dev.py demo [fedmaml simulate options]   # the main job: a federated simulation
+    python3 dev.py demo [fedmaml simulate options]   # the main job: MAML vs FedAvg + fine-tuning
     python3 dev.py test [pytest options]             # ruff, then the whole test suite
     python3 dev.py run COMMAND [ARGS]                # any command inside .venv
 
@@ -22,6 +22,9 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".fedmaml-setup"
 EXTRAS = "dev,data,plot"
+#: the demo: MAML against the FedAvg + fine-tuning baseline on the same clients, short runs;
+#: each demo replaces the previous one (runs/demo)
+DEMO = ["--compare", "maml", "fedavg", "--rounds", "200", "--overwrite"]
 
 
 def _fingerprint() -> str:
@@ -66,7 +69,7 @@ def main(argv: list[str]) -> int:
     verb, rest = argv[0], argv[1:]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     if verb == "demo":
-        cmd = [str(BIN / "fedmaml"), "simulate", "--out", str(ROOT / "runs" / "demo"), *rest]
+        cmd = [str(BIN / "fedmaml"), "simulate", *DEMO, "--out", str(ROOT / "runs" / "demo"), *rest]
     elif verb == "test":
         lint = subprocess.run([str(BIN / "ruff"), "check", str(ROOT)], env=env)
         if lint.returncode != 0:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from fedmaml.atomic import atomic_write
 from fedmaml.errors import FedmamlError
-from fedmaml.models import build_model
+from fedmaml.models import build_model, check_model_spec
 
 FORMAT = "fedmaml-checkpoint"
 VERSION = 1
@@ -79,6 +79,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"checkpoint {path} has format version {payload.get('version')}; this fedmaml reads "
             f"version {VERSION}: re-run training with this version"
         )
+    problem = _structure_problem(payload)
+    if problem:
+        raise FedmamlError(
+            f"checkpoint {path} is damaged ({problem}); use another checkpoint or re-run training"
+        )
     return Checkpoint(
         params=payload["params"],
         model=payload["model"],
@@ -87,6 +92,34 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         round=payload["round"],
         optimizer_state=payload["optimizer_state"],
     )
+
+
+def _structure_problem(payload: dict[str, Any]) -> str:
+    """What is wrong with a checkpoint's structure ("" when nothing is), checked before anything
+    is built from it: a crafted file must not reach a traceback or a huge allocation."""
+    params = payload.get("params")
+    if not isinstance(params, dict) or not params:
+        return "no parameters"
+    if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in params.items()):
+        return "parameters that are not named tensors"
+    if not all(torch.is_floating_point(v) for v in params.values()):
+        return "parameters that are not floating-point tensors"
+    kwargs = payload.get("model_kwargs")
+    if not isinstance(payload.get("model"), str) or not isinstance(kwargs, dict):
+        return "no model name and arguments"
+    if not isinstance(payload.get("config"), dict):
+        return "a config that is not a table of keys"
+    rnd = payload.get("round")
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0:
+        return f"round {rnd!r}"
+    state = payload.get("optimizer_state")
+    if state is not None and not isinstance(state, dict):
+        return "an optimizer state that is not a table"
+    try:
+        check_model_spec(payload["model"], kwargs)
+    except FedmamlError as exc:
+        return str(exc)
+    return ""
 
 
 class CheckpointSaver:

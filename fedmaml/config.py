@@ -25,7 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 BATCHING = ("auto", "vmap", "loop")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 
-_CHOICES: dict[str, tuple[str, ...]] = {
+CHOICES: dict[str, tuple[str, ...]] = {
     "task": TASKS,
     "algorithm": ALGORITHMS,
     "meta_optimizer": META_OPTIMIZERS,
@@ -114,7 +114,7 @@ class RunConfig:
     personalize: bool = _key(False, "after training, every client personalizes θ on its device")
 
     def __post_init__(self) -> None:
-        for name, allowed in _CHOICES.items():
+        for name, allowed in CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
                 raise _bad(name, value, f"one of {', '.join(allowed)}")

@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import nn
 
 from fedmaml.errors import FedmamlError
@@ -73,17 +75,38 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, **kwargs: int) -> nn.Module:
-    """Build a registered model by name; unknown names list the registered ones."""
+#: the most parameters a model built from a name and arguments may have (a checkpoint or config
+#: asking for more is refused before any memory is allocated)
+MAX_PARAMETERS = 500_000_000
+
+
+def check_model_spec(name: str, kwargs: dict[str, Any]) -> int:
+    """The number of parameters of model ``name`` built with ``kwargs``, counted on PyTorch's
+    meta device (no memory allocated); unknown names, arguments that are not positive integers,
+    and models beyond :data:`MAX_PARAMETERS` are one clear error."""
+    if name not in MODELS:
+        raise FedmamlError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    for key, value in kwargs.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FedmamlError(
+                f"model {name!r} argument {key}={value!r}; model sizes are integers >= 1"
+            )
     try:
-        factory = MODELS[name]
-    except KeyError:
-        raise FedmamlError(
-            f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}"
-        ) from None
-    try:
-        return factory(**kwargs)
-    except TypeError as exc:
+        with torch.device("meta"):
+            count = sum(p.numel() for p in MODELS[name](**kwargs).parameters())
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise FedmamlError(
             f"model {name!r} does not take these arguments {kwargs}: {exc}"
         ) from None
+    if count > MAX_PARAMETERS:
+        raise FedmamlError(
+            f"model {name!r} with {kwargs} would have {count:,} parameters (more than "
+            f"{MAX_PARAMETERS:,}); check the model's sizes"
+        )
+    return count
+
+
+def build_model(name: str, **kwargs: int) -> nn.Module:
+    """Build a registered model by name (checked first by :func:`check_model_spec`)."""
+    check_model_spec(name, kwargs)
+    return MODELS[name](**kwargs)

@@ -32,6 +32,10 @@ class Ready:
     resumed_from: str
     warnings: list[str] = field(default_factory=list)
 
+    def complete(self, cfg: RunConfig) -> bool:
+        """The checkpoint to resume is at num-rounds already: nothing to train."""
+        return bool(self.resumed_from) and self.round >= cfg.num_rounds
+
 
 def preflight(cfg: RunConfig, *, gpus_per_client: float) -> Ready:
     """Check ``cfg`` as the ServerApp will (run directory, data and client counts, checkpoint,
@@ -55,10 +59,5 @@ def preflight(cfg: RunConfig, *, gpus_per_client: float) -> Ready:
             f"{nodes:,} simulated SuperNodes: Flower registers each one before round 1 (start-up "
             f"grows with their number, about {nodes * 200 / 2**30:.1f} GiB of node state); "
             "consider fewer clients"
-        )
-    if begin.round >= cfg.num_rounds:
-        warnings.append(
-            f"the checkpoint is at round {begin.round} of num-rounds {cfg.num_rounds}: nothing "
-            "to train; raise num-rounds to continue"
         )
     return Ready(begin.round, begin.resumed_from, warnings)

@@ -17,7 +17,11 @@ THETA = {"w": torch.tensor([[1.0, -2.0], [0.5, 3.0]]), "b": torch.tensor([0.25, 
 
 def checkpoint(opt: MetaOptimizer, meta_round: int) -> Checkpoint:
     return Checkpoint(
-        params=opt.current(), model="mlp", round=meta_round, optimizer_state=opt.state_dict()
+        params=opt.current(),
+        model="mlp",
+        model_kwargs={"in_features": 2, "out_features": 2},
+        round=meta_round,
+        optimizer_state=opt.state_dict(),
     )
 
 

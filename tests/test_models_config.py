@@ -158,6 +158,32 @@ def test_damaged_or_foreign_files_are_refused(tmp_path):
         load_checkpoint(foreign)
 
 
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda p: {"format": p["format"], "version": p["version"]}, "no parameters"),
+        (lambda p: {**p, "model_kwargs": {"hidden": -5}}, "hidden=-5"),
+        (lambda p: {**p, "model_kwargs": {"hidden": 10**6}}, "parameters (more than"),
+        (lambda p: {**p, "model_kwargs": {"hidden": True}}, "hidden=True"),
+        (lambda p: {**p, "model": ["sine_mlp"]}, "no model name"),
+        (lambda p: {**p, "model": "resnet999"}, "unknown model"),
+        (lambda p: {**p, "config": ["inner-lr", 0.1]}, "config that is not a table"),
+        (lambda p: {**p, "params": {"w": "text"}}, "not named tensors"),
+        (lambda p: {**p, "round": -1}, "round -1"),
+    ],
+)
+def test_crafted_checkpoints_are_refused_before_anything_is_built(tmp_path, change, words):
+    """A checkpoint's structure and model sizes are checked on load: a crafted file gives one
+    clear error, never a traceback or a 4 TB allocation (hidden=10**6 is counted on the meta
+    device)."""
+    ckpt, _ = a_checkpoint()
+    payload = torch.load(save_checkpoint(tmp_path / "good.pt", ckpt), weights_only=True)
+    torch.save(change(payload), tmp_path / "crafted.pt")
+    with pytest.raises(FedmamlError, match="damaged") as info:
+        load_checkpoint(tmp_path / "crafted.pt")
+    assert words in str(info.value)
+
+
 def test_failed_save_keeps_the_old_checkpoint_and_leaves_no_temp_file(tmp_path):
     ckpt, _ = a_checkpoint()
     path = save_checkpoint(tmp_path / "checkpoint.pt", ckpt)

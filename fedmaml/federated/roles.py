@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from logging import WARNING
+from logging import INFO, WARNING
 
 from flwr.app import Message, RecordDict
 from flwr.common.logger import log
@@ -39,6 +39,7 @@ class NodeRoles:
         unknown = [n for n in grid.get_node_ids() if n not in self.info and n not in self.broken]
         if not unknown:
             return
+        log(INFO, "fedmaml: asking %d new node(s) who they are", len(unknown))
         messages = [
             Message(RecordDict(), dst_node_id=n, message_type=keys.DESCRIBE_TYPE) for n in unknown
         ]
@@ -118,6 +119,12 @@ class NodeRoles:
         if not self._checked:
             self._checked = True
             self.check_population(grid)
+            log(
+                INFO,
+                "fedmaml: %d training and %d held-out clients connected; training starts",
+                len(nodes),
+                len(self.nodes("heldout", grid)),
+            )
         return nodes
 
     def check_population(self, grid: Grid) -> None:

@@ -88,6 +88,7 @@ def run(grid: Grid, cfg: RunConfig) -> None:
     check_run_dir(cfg)
     with locked(out_dir):
         prepare_run_dir(cfg)
+        log(INFO, "fedmaml: loading the data and building the model (task %s)", cfg.task)
         work = Workload.from_config(cfg)
         recorder = RunRecorder(out_dir, cfg.to_mapping())
         try:
@@ -134,8 +135,15 @@ def _run(grid: Grid, cfg: RunConfig, work: Workload, recorder: RunRecorder) -> N
             f"replies (the reasons are in {out_dir / CLIENTS} and the log); e.g. lower inner-lr "
             "if the clients' adaptation diverges"
         )
-    summary = recorder.write_summary(status="finished", checkpoint=str(out_dir / CHECKPOINT))
-    log(INFO, "fedmaml: finished %s; final %s", out_dir, summary["final"])
+    recorder.write_summary(status="finished", checkpoint=str(out_dir / CHECKPOINT))
+    log(
+        INFO,
+        "fedmaml: finished round %d of %d (%d updated θ) in %s",
+        cfg.num_rounds,
+        cfg.num_rounds,
+        recorder.updated_rounds(after=offset),
+        out_dir,
+    )
 
 
 def _train(

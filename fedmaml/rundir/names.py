@@ -7,5 +7,7 @@ SUMMARY = "summary.json"  # configuration, how the run ended, final metrics, wal
 SUMMARY_MD = "summary.md"  # the report's summary
 CURVES_PNG = "learning_curves.png"
 GAINS_PNG = "client_gains.png"
+COMPARISON_MD = "comparison.md"  # fedmaml simulate --compare: the runs side by side
+COMPARISON_PNG = "comparison.png"
 FLOWER_LOG = "flower.log"  # the Flower processes' log (fedmaml simulate)
 LOCK = ".lock"  # held by the run that writes the directory

@@ -1,10 +1,17 @@
 """Tables and plots from a run directory (``rounds.csv``, ``clients.csv``, ``summary.json``).
 
 * learning curves per round: the training clients' query loss before and after adaptation, and
-  the held-out evaluation before adaptation (0 steps) and after 1 and K steps;
+  the held-out evaluation before adaptation (0 steps) and after K steps;
 * the per-client gain histogram at the last evaluation: metric after K steps minus before
   (loss: lower is better, so gain = before − after; accuracy: after − before);
-* a short markdown summary.
+* a markdown summary: how the run ended, what failed, the evaluation table, the gain per group;
+* :func:`compare`: several runs (e.g. MAML and the FedAvg + fine-tuning baseline on the same
+  clients) in one table and one plot.
+
+Evaluation groups: *seen* are the training clients' held-out data, *unseen* the held-out
+clients. The server also evaluates the held-out clients itself when it can open their data
+(``central-*`` columns of ``rounds.csv``: the same tasks, so the same numbers); the reports show
+one *unseen* series, the federated evaluation where there is one, else the server's (round 0).
 """
 
 from __future__ import annotations
@@ -18,7 +25,18 @@ import pandas as pd
 
 from fedmaml.atomic import atomic_write
 from fedmaml.errors import FedmamlError
-from fedmaml.rundir.names import CLIENTS, CURVES_PNG, GAINS_PNG, ROUNDS, SUMMARY, SUMMARY_MD
+from fedmaml.rundir.names import (
+    CLIENTS,
+    COMPARISON_MD,
+    COMPARISON_PNG,
+    CURVES_PNG,
+    GAINS_PNG,
+    ROUNDS,
+    SUMMARY,
+    SUMMARY_MD,
+)
+
+GROUPS = ("seen", "unseen")
 
 
 def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
@@ -37,7 +55,22 @@ def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str,
     summary = {}
     if (run_dir / SUMMARY).is_file():
         summary = json.loads((run_dir / SUMMARY).read_text())
-    return rounds, clients if clients is not None else pd.DataFrame(), summary
+    return unseen_merged(rounds), clients if clients is not None else pd.DataFrame(), summary
+
+
+def unseen_merged(rounds: pd.DataFrame) -> pd.DataFrame:
+    """``rounds`` with the server's evaluation of the held-out clients (``central-*``) folded
+    into the federated one (``unseen-*``) where that is missing, and the central columns
+    dropped: one series per group in every table and plot."""
+    rounds = rounds.copy()
+    for column in [c for c in rounds.columns if c.startswith("central-")]:
+        target = "unseen-" + column.removeprefix("central-")
+        if column != "central-failed":
+            rounds[target] = (
+                rounds[target].fillna(rounds[column]) if target in rounds else rounds[column]
+            )
+        rounds = rounds.drop(columns=column)
+    return rounds
 
 
 def metric_name(rounds: pd.DataFrame) -> str:
@@ -52,11 +85,11 @@ def steps_evaluated(rounds: pd.DataFrame, prefix: str, metric: str) -> list[int]
 
 def evaluation_table(rounds: pd.DataFrame) -> pd.DataFrame:
     """One row per evaluated round: the held-out query metric before adaptation (``@0``), after
-    1 and after K steps (``@K``), for seen (training clients' held-out data), unseen (held-out
-    clients, federated) and central (held-out tasks evaluated on the server)."""
+    1 and after K steps (``@K``), for seen (training clients' held-out data) and unseen
+    (held-out clients)."""
     metric = metric_name(rounds)
     table = pd.DataFrame({"round": rounds["round"]})
-    for prefix in ("seen", "unseen", "central"):
+    for prefix in GROUPS:
         steps = steps_evaluated(rounds, prefix, metric)
         for k in sorted({steps[0], min(1, steps[-1]), steps[-1]} if steps else ()):
             table[f"{prefix}@{k}"] = rounds[f"{prefix}-{metric}-{k}"]
@@ -87,7 +120,7 @@ def plot_learning_curves(rounds: pd.DataFrame, path: Path) -> Path:
         ylabel="loss",
     )
     ax_train.legend()
-    for prefix, style in (("seen", "-"), ("unseen", "--"), ("central", ":")):
+    for prefix, style in zip(GROUPS, ("-", "--"), strict=True):
         steps = steps_evaluated(rounds, prefix, metric)
         for k in sorted({steps[0], steps[-1]} if steps else ()):
             data = rounds[["round", f"{prefix}-{metric}-{k}"]].dropna()
@@ -153,11 +186,71 @@ def markdown_table(df: pd.DataFrame) -> str:
     """A pipe table of ``df`` (floats with 4 decimals)."""
 
     def cell(v: Any) -> str:
+        if isinstance(v, float) and v != v:
+            return ""
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     rows = [[str(c) for c in df.columns], ["---"] * len(df.columns)]
     rows += [[cell(v) for v in row] for row in df.itertuples(index=False)]
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def gain_table(gains: pd.DataFrame) -> pd.DataFrame:
+    """Per group: clients, mean, sd and quartiles of the gain, and the share of clients helped
+    (gain > 0) and hurt (gain < 0) by adaptation."""
+    rows = []
+    for heldout, group in ((0, "seen"), (1, "unseen")):
+        gain = gains[gains["heldout"] == heldout]["gain"]
+        if len(gain):
+            rows.append(
+                {
+                    "group": group,
+                    "clients": len(gain),
+                    "mean": float(gain.mean()),
+                    "sd": float(gain.std()) if len(gain) > 1 else float("nan"),
+                    "p10": float(gain.quantile(0.1)),
+                    "median": float(gain.median()),
+                    "p90": float(gain.quantile(0.9)),
+                    "helped": f"{(gain > 0).mean():.0%}",
+                    "hurt": f"{(gain < 0).mean():.0%}",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def outcome_lines(
+    rounds: pd.DataFrame, clients: pd.DataFrame, summary: dict[str, Any]
+) -> list[str]:
+    """How the run ended and everything that did not go as asked, counted."""
+    config = summary.get("config", {})
+    status = summary.get("status", "running or stopped")
+    if summary.get("error"):
+        status += f": {summary['error']}"
+    trained = rounds[rounds["round"] > 0] if "round" in rounds else rounds
+    updated = trained.get("updated", pd.Series(False, index=trained.index)).astype(str) == "True"
+    phases = clients.get("phase", pd.Series(dtype=str))
+    statuses = clients.get("status", pd.Series(dtype=str))
+    broken = int(((phases == "describe") & (statuses == "error")).sum())
+    total, server = summary.get("total_time_s"), summary.get("wall_time_s", "?")
+    wall = f"{total} s ({server} s in the ServerApp)" if total is not None else f"{server} s"
+    lines = [
+        f"- task: {config.get('task', '?')}, algorithm: {config.get('algorithm', '?')}, "
+        f"rounds: {summary.get('rounds', int(rounds['round'].max()) if len(rounds) else 0)} of "
+        f"{config.get('num-rounds', '?')}, status: {status}",
+        f"- wall time: {wall}",
+        f"- rounds that updated θ: {int(updated.sum())}; skipped: {int((~updated).sum())}",
+        f"- failed training replies: {int(trained['failed'].sum()) if 'failed' in trained else 0}"
+        f"; no reply: {int((statuses == 'no-reply').sum())}"
+        f"; nodes that could not take part: {broken}"
+        f"; clipped updates: {int(trained['clipped'].sum()) if 'clipped' in trained else 0}",
+    ]
+    found = summary.get("clients")
+    if found:
+        lines.append(
+            f"- clients: {found['train']} training and {found['heldout']} held-out connected, "
+            f"{found['configured']} configured"
+        )
+    return lines
 
 
 def report(run_dir: str | Path) -> list[Path]:
@@ -170,26 +263,87 @@ def report(run_dir: str | Path) -> list[Path]:
     if not gains.empty:
         written.append(plot_gains(gains, metric, run_dir / GAINS_PNG))
     table = evaluation_table(rounds)
-    config = summary.get("config", {})
     lines = [
         f"# fedmaml run `{run_dir.name}`",
         "",
-        f"- task: {config.get('task', '?')}, algorithm: {config.get('algorithm', '?')}, "
-        f"rounds: {len(rounds)}, wall time: {summary.get('wall_time_s', '?')} s",
-        f"- failed client replies: {int(rounds['failed'].sum()) if 'failed' in rounds else 0}",
+        *outcome_lines(rounds, clients, summary),
         "",
-        "## Evaluation (held-out query data)",
+        f"## Evaluation: held-out query {metric} after k adaptation steps (`@k`)",
+        "",
+        "seen: the training clients' held-out data; unseen: clients never trained on.",
         "",
         markdown_table(table) if not table.empty else "(none)",
     ]
     if not gains.empty:
         lines += [
             "",
-            f"## Per-client gain at the last evaluation ({metric})",
+            f"## Per-client gain from adaptation at the last evaluation ({metric})",
             "",
-            markdown_table(gains.groupby("heldout")["gain"].describe().reset_index()),
+            markdown_table(gain_table(gains)),
         ]
     lines += ["", f"![learning curves]({CURVES_PNG})"]
     md = "\n".join(lines) + "\n"
     atomic_write(run_dir / SUMMARY_MD, lambda f: f.write(md))
     return [*written, run_dir / SUMMARY_MD]
+
+
+def compare(
+    run_dirs: list[Path], out_dir: Path, *, plot: bool = True
+) -> tuple[pd.DataFrame, list[Path]]:
+    """Several runs on the same clients side by side: a table of each run's final held-out
+    metric before and after adaptation (``comparison.md``) and a plot (``comparison.png``) of
+    the unseen clients' metric after K steps over the rounds, and of the final adaptation curve
+    @0..K. Returns the table and the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, curves = [], {}
+    fig, (ax_rounds, ax_steps) = plt.subplots(1, 2, figsize=(11, 4))
+    for run_dir in run_dirs:
+        rounds, _, summary = load_run(run_dir)
+        metric = metric_name(rounds)
+        name = summary.get("config", {}).get("algorithm", run_dir.name)
+        steps = steps_evaluated(rounds, "unseen", metric)
+        if not steps:
+            raise FedmamlError(f"{run_dir} has no evaluation of unseen clients to compare")
+        last = rounds.dropna(subset=[f"unseen-{metric}-{steps[-1]}"]).iloc[-1]
+        row: dict[str, Any] = {"run": name, "round": int(last["round"])}
+        for k in sorted({steps[0], min(1, steps[-1]), steps[-1]}):
+            row[f"unseen@{k}"] = float(last[f"unseen-{metric}-{k}"])
+        seen = steps_evaluated(rounds, "seen", metric)
+        if seen:
+            row[f"seen@{seen[-1]}"] = float(last[f"seen-{metric}-{seen[-1]}"])
+        row["wall s"] = summary.get("total_time_s", summary.get("wall_time_s", float("nan")))
+        rows.append(row)
+        series = rounds[["round", f"unseen-{metric}-{steps[-1]}"]].dropna()
+        ax_rounds.plot(series["round"], series.iloc[:, 1], marker="o", markersize=3, label=name)
+        curves[name] = [float(last[f"unseen-{metric}-{k}"]) for k in steps]
+        ax_steps.plot(steps, curves[name], marker="o", label=name)
+    ax_rounds.set(
+        title=f"unseen clients: {metric} after {steps[-1]} steps", xlabel="round", ylabel=metric
+    )
+    ax_steps.set(
+        title=f"unseen clients at the last round: {metric} after k steps",
+        xlabel="adaptation steps k",
+        ylabel=metric,
+    )
+    for ax in (ax_rounds, ax_steps):
+        ax.legend()
+    fig.tight_layout()
+    if plot:
+        atomic_write(
+            out_dir / COMPARISON_PNG, lambda f: fig.savefig(f, format="png", dpi=110), "wb"
+        )
+    plt.close(fig)
+    table = pd.DataFrame(rows)
+    better = "lower" if metric == "loss" else "higher"
+    md = (
+        f"# Comparison: held-out query {metric} ({better} is better)\n\n"
+        f"unseen@k: clients never trained on, after k adaptation steps on their support data; "
+        f"the same clients and episodes for every run.\n\n{markdown_table(table)}\n\n"
+        f"![comparison]({COMPARISON_PNG})\n"
+    )
+    atomic_write(out_dir / COMPARISON_MD, lambda f: f.write(md))
+    return table, [out_dir / COMPARISON_MD, *([out_dir / COMPARISON_PNG] if plot else [])]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 from fedmaml.config import RunConfig
@@ -42,8 +43,12 @@ def check_run_dir(cfg: RunConfig) -> None:
     if out.exists() and not out.is_dir():
         raise FedmamlError(f"out-dir {out} is a file; give a folder for the run's files")
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
-        raise FedmamlError(f"out-dir {out} cannot be created or written; choose another folder")
+    try:  # a probe folder where out-dir would go: the only check root's privileges do not skip
+        os.rmdir(tempfile.mkdtemp(prefix=".fedmaml-probe-", dir=existing))
+    except (OSError, TypeError):
+        raise FedmamlError(
+            f"out-dir {out} cannot be created or written; choose another folder"
+        ) from None
     if holds_run(out) and not cfg.resume and not cfg.overwrite:
         raise FedmamlError(
             f"out-dir {out} already holds a run; resume it (resume = auto, fedmaml simulate "
