@@ -70,9 +70,9 @@ def files(root: Path) -> dict[str, Path]:
 
 
 def cases(f: dict[str, Path], root: Path) -> list[tuple[str, list[str]]]:
-    sim = ["simulate", "--rounds", "1", "--clients", "2", "--heldout-clients", "1"]
-    out = ["--out", str(root / "run")]
-    personalize = ["personalize", "--checkpoint", str(f["sine"])]
+    sim = ["simulate", "--clients", "2", "--heldout-clients", "1", "--out", str(root / "run")]
+    out: list[str] = []
+    personalize = ["personalize", "--checkpoint", str(f["sine"]), "--label-column", "y"]
     table = ["--label-column", "y", "--insecure"]
 
     def client(superlink: str, data: Path, *extra: str) -> list[str]:
@@ -116,7 +116,10 @@ def cases(f: dict[str, Path], root: Path) -> list[tuple[str, list[str]]]:
         ("certs: --nodes -1", ["certs", str(root / "certs2"), "--nodes", "-1"]),
         ("client: not an address", client("not an address", f["good"], *table, "--print-command")),
         ("client: nobody listening", client("127.0.0.1:1", f["good"], *table)),
-        ("client: text in a cell", client("127.0.0.1:9092", f["text"], *table, "--print-command")),
+        (
+            "client: text in a feature cell",
+            client("127.0.0.1:9092", f["text"], *table, "--feature-columns", "a,b"),
+        ),
         ("client: missing data", client("127.0.0.1:9092", root / "none.csv", *table)),
         ("personalize: NaN in the data", [*personalize, "--data", str(f["nan"])]),
         ("personalize: empty file", [*personalize, "--data", str(f["empty"])]),

@@ -9,6 +9,7 @@ import argparse
 import importlib
 import signal
 import sys
+from typing import NoReturn
 
 from fedmaml import __version__
 from fedmaml.errors import FedmamlError
@@ -17,14 +18,22 @@ from fedmaml.errors import FedmamlError
 COMMANDS = ("simulate", "personalize", "predict", "report", "client", "certs")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one line (the problem and where the help is)
+    instead of the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fedmaml",
         description="Federated meta-learning (MAML, FOMAML, Meta-SGD, Reptile) on Flower: "
         "simulate, deploy and personalize.",
     )
     parser.add_argument("--version", action="version", version=f"fedmaml {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         importlib.import_module(f"fedmaml.commands.{name}").register(sub)
     return parser
