@@ -18,6 +18,7 @@ from fedmaml.centralized import MetaTrainResult, meta_train
 from fedmaml.config import RunConfig
 from fedmaml.device import resolve_device
 from fedmaml.meta import meta_gradient, model_params, with_inner_lrs
+from fedmaml.meta.algorithms import resolve
 from fedmaml.meta.evaluate import adaptation_curve
 from fedmaml.meta.params import Params
 from fedmaml.models import build_model
@@ -58,7 +59,7 @@ class Workload:
     def initial_params(self) -> Params:
         """θ from the seeded model initialisation (∪ α = inner-lr for Meta-SGD)."""
         theta = model_params(self.model)
-        if self.cfg.algorithm == "metasgd":
+        if resolve(self.cfg.algorithm).learns_inner_lr:
             return with_inner_lrs(theta, self.cfg.inner_lr)
         return theta
 

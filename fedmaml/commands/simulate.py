@@ -18,6 +18,7 @@ else:  # Python 3.10: the same parser, shipped as tomli (a Flower dependency)
     import tomli as tomllib
 
 from fedmaml.errors import FedmamlError
+from fedmaml.meta.algorithms import ALGORITHMS
 
 FLAGS = {
     "rounds": "num-rounds",
@@ -57,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clients", type=int, help="number of training clients (tasks)")
     p.add_argument("--clients-per-round", type=int, help="training clients sampled per round")
     p.add_argument("--heldout-clients", type=int, help="clients never trained on (unseen users)")
-    p.add_argument("--algorithm", choices=["maml", "fomaml", "metasgd", "reptile", "fedavg"])
+    p.add_argument("--algorithm", choices=ALGORITHMS)
     p.add_argument("--task", choices=["sine", "omniglot", "femnist", "table"])
     p.add_argument("--data-path", help="data for omniglot / femnist / table tasks")
     p.add_argument("--inner-steps", type=int)

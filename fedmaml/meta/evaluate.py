@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from fedmaml.meta import validate
-from fedmaml.meta.gradient import _clear_errors
 from fedmaml.meta.inner import autograd_grad_fn, inner_loop, task_loss
+from fedmaml.meta.inputs import clear_errors
 from fedmaml.meta.params import InnerLR, Params, split_inner_lrs
 
 Pair = tuple[Tensor, Tensor]
@@ -51,7 +51,7 @@ def adaptation_curve(
     grad_fn = autograd_grad_fn(model, buffers, loss_fn, create_graph=False)
     fast = {k: v.detach() for k, v in theta.items()}
     curve = []
-    with _clear_errors("support/query", support):
+    with clear_errors("support/query", support):
         for k in range(steps + 1):
             if k:
                 fast = inner_loop(

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from fedmaml.errors import FedmamlError, NonFiniteError
 from fedmaml.meta.params import InnerLR
 
-ALGORITHMS = ("maml", "fomaml", "metasgd", "reptile", "fedavg")
 BATCHING = ("auto", "vmap", "loop")
 
 Pair = tuple[Tensor, Tensor]

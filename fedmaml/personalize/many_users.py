@@ -13,7 +13,7 @@ from torch import nn
 
 from fedmaml.errors import FedmamlError
 from fedmaml.meta import validate
-from fedmaml.meta.gradient import prefers_vmap
+from fedmaml.meta.engines import prefers_vmap
 from fedmaml.personalize.adapt import UserResult, adapt_batch, adapt_one
 from fedmaml.personalize.global_model import GlobalModel, Source, resolve_global
 from fedmaml.personalize.plot import plot_gain
