@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fedmaml.meta.algorithms import ALGORITHMS
     from fedmaml.meta.engines import prefers_vmap
+    from fedmaml.meta.evaluate import adaptation_curve, adaptation_curves, mean_curve
     from fedmaml.meta.gradient import adapt, meta_gradient
     from fedmaml.meta.params import (
         INNER_LR_PREFIX,
@@ -34,6 +35,9 @@ _HOMES = {
     "INNER_LR_PREFIX": "fedmaml.meta.params",
     "Params": "fedmaml.meta.params",
     "adapt": "fedmaml.meta.gradient",
+    "adaptation_curve": "fedmaml.meta.evaluate",
+    "adaptation_curves": "fedmaml.meta.evaluate",
+    "mean_curve": "fedmaml.meta.evaluate",
     "meta_gradient": "fedmaml.meta.gradient",
     "model_params": "fedmaml.meta.params",
     "prefers_vmap": "fedmaml.meta.engines",
@@ -57,6 +61,9 @@ __all__ = [
     "INNER_LR_PREFIX",
     "Params",
     "adapt",
+    "adaptation_curve",
+    "adaptation_curves",
+    "mean_curve",
     "meta_gradient",
     "model_params",
     "prefers_vmap",

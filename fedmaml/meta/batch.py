@@ -20,6 +20,7 @@ shared ones (θ, and gradients with respect to θ) never do. The operations:
     adapt(θ_i, data, ...)   θ'_i: inner steps on each episode's data, first or second order
     query_loss(θ'_i)        Σ_i L_Qi(θ'_i), differentiable; records the query metrics
     observe(θ'_i)           records the query metrics, without a graph
+    evaluate(θ'_i)          the query loss (and accuracy) of each episode, without a graph
     mean(x_i)               1/n Σ_i x_i
 
 The recorded metrics hold ``loss_after`` (and ``accuracy_after`` for integer labels) and, when
@@ -124,6 +125,10 @@ class EpisodeBatch(ABC):
         after = self._loss(fast, x, y)
         return after[0], metric_row(before, after, y)
 
+    def _evaluate_one(self, fast: Params, x: Tensor, y: Tensor) -> Row:
+        loss, out = self._loss(fast, x, y)
+        return metrics_of(loss, out, y, "")
+
     @property
     @abstractmethod
     def n(self) -> int:
@@ -145,6 +150,9 @@ class EpisodeBatch(ABC):
 
     @abstractmethod
     def observe(self, fast: Params) -> None: ...
+
+    @abstractmethod
+    def evaluate(self, fast: Params) -> Row: ...
 
 
 class Episode(EpisodeBatch):
@@ -174,6 +182,10 @@ class Episode(EpisodeBatch):
     def observe(self, fast: Params) -> None:
         with torch.no_grad():
             _, self.metrics = self._query_row(fast, *self.query)
+
+    def evaluate(self, fast: Params) -> Row:
+        with torch.no_grad():
+            return self._evaluate_one(fast, *self.query)
 
 
 class StackedEpisodes(EpisodeBatch):
@@ -211,6 +223,10 @@ class StackedEpisodes(EpisodeBatch):
     def observe(self, fast: Params) -> None:
         with torch.no_grad():
             _, self.metrics = torch.vmap(self._query_row)(fast, *self.query)
+
+    def evaluate(self, fast: Params) -> Row:
+        with torch.no_grad():
+            return torch.vmap(self._evaluate_one)(fast, *self.query)
 
 
 def metrics_of(loss: Tensor, out: Tensor, y: Tensor, suffix: str) -> Row:

@@ -6,7 +6,8 @@
 * vmap: all episodes at once as one :class:`~fedmaml.meta.batch.StackedEpisodes`: 6-7x faster
   than the loop on the sinusoid MLP, where Python overhead dominates.
 
-``batching="auto"`` picks by model (:func:`uses_vmap`). Measured in ``benchmarks/README.md``.
+``batching="auto"`` picks by model (:func:`uses_vmap`), for meta-gradients and adaptation curves
+alike. Measured in ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -102,11 +103,12 @@ def prefers_vmap(model: nn.Module) -> bool:
 
 
 def same_shapes(supports: list[Pair], queries: list[Pair]) -> bool:
-    shapes = {
-        (s[0].shape, s[1].shape, q[0].shape, q[1].shape)
-        for s, q in zip(supports, queries, strict=True)
-    }
-    return len(shapes) == 1
+    return len({shapes(s, q) for s, q in zip(supports, queries, strict=True)}) == 1
+
+
+def shapes(support: Pair, query: Pair) -> tuple[torch.Size, ...]:
+    """An episode's shapes: episodes with equal shapes can be stacked for vmap."""
+    return support[0].shape, support[1].shape, query[0].shape, query[1].shape
 
 
 def summarise(rows: list[Row], queries: list[Pair]) -> dict[str, float]:

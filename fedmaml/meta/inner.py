@@ -5,9 +5,8 @@
 α is one scalar, or one tensor per parameter (Meta-SGD). The gradient of the support loss is
 computed by a *gradient function* so that one loop serves every engine: plain autograd on one
 task, or on a batch of tasks whose parameters carry a leading task index (the forward pass under
-``torch.vmap``), both differentiable again by ``create_graph``; or ``torch.func.grad``
-(composable with ``vmap`` and an outer ``grad``). With ``first_order=True`` the inner gradients
-are treated as constants (FOMAML, Reptile): dθ'/dθ = I.
+``torch.vmap``), both differentiable again by ``create_graph``. With ``first_order=True`` the
+inner gradients are treated as constants (FOMAML, Reptile): dθ'/dθ = I.
 """
 
 from __future__ import annotations
@@ -74,15 +73,6 @@ def gradients(loss: Tensor, wrt: Mapping[str, Tensor], *, create_graph: bool = F
         k: torch.zeros_like(v) if g is None else g
         for (k, v), g in zip(wrt.items(), grads, strict=True)
     }
-
-
-def func_grad_fn(model: nn.Module, buffers: Mapping[str, Tensor], loss_fn: LossFn) -> GradFn:
-    """∇_p L(p; x, y) by ``torch.func.grad``: composable with ``vmap`` and an outer ``grad``."""
-
-    def loss(p: Params, x: Tensor, y: Tensor) -> Tensor:
-        return task_loss(model, p, buffers, x, y, loss_fn)[0]
-
-    return torch.func.grad(loss)
 
 
 def inner_loop(

@@ -26,6 +26,11 @@ def check_steps(inner_steps: int) -> None:
         raise FedmamlError(f"inner_steps must be an integer >= 1 (got {inner_steps!r})")
 
 
+def check_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise FedmamlError(f"chunk_size must be an integer >= 1 (got {chunk_size!r})")
+
+
 def check_inner_lr(inner_lr: InnerLR) -> None:
     if isinstance(inner_lr, Mapping):
         for name, a in inner_lr.items():

@@ -24,7 +24,7 @@ shapes with ``torch.func.vmap``; :func:`personalize_client` is the on-device ent
 returns metrics only.
 
 Modules: ``global_model`` (the checkpoint to personalize), ``user_data`` (checks and the
-support/evaluation split), ``adapt`` (the adaptation curves, one user or a vmapped batch),
+support/evaluation split), ``adapt`` (users' adaptation curves, computed by ``fedmaml.meta``),
 ``model`` (the :class:`Personalized` result, saving and loading it), ``tables`` (users read from
 tables), ``one_user``, ``many_users`` and ``on_device`` (the entry points), ``plot``.
 """

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedmaml.errors import FedmamlError
-from fedmaml.personalize.adapt import adapt_one
+from fedmaml.personalize.adapt import adapt_user
 from fedmaml.personalize.global_model import GlobalModel, Source, resolve_global
 from fedmaml.personalize.model import Personalized
 from fedmaml.personalize.tables import load_table_users
@@ -66,7 +66,7 @@ def personalize(
         g, user_data, user=user, support_size=support_size, support_fraction=support_fraction,
         seed=seed,
     )  # fmt: skip
-    result, fast = adapt_one(g, split, k, rate)
+    result, fast = adapt_user(g, split, k, rate)
     return Personalized(
         model=g.model,
         params=fast,
