@@ -120,7 +120,7 @@ class Workload:
         Each of the ``eval-episodes`` episodes takes its support set from the client's training
         pool and its query set from its held-out pool; the curve is their mean (every episode
         has the same number of queries). The episodes are a fixed function of (seed, client)
-        unless ``meta_round`` differs.
+        unless ``meta_round`` differs. The algorithm's adapted parameters adapt (ANIL: the head).
         """
         g = episode_generator(self.cfg.seed, meta_round, index, stream=EVAL_STREAM)
         tasks = [
@@ -135,6 +135,7 @@ class Workload:
             loss_fn=self.loss_fn,
             steps=self.cfg.eval_steps,
             inner_lr=self.cfg.inner_lr,
+            adapted=resolve(self.cfg.algorithm).adapted,
             batching=self.cfg.batching,
         )
         return mean_curve(curves), sum(t.num_query for t in tasks)

@@ -4,9 +4,9 @@
 
 Modules: ``algorithms`` (one per algorithm, and the registry of their names), ``batch`` (the
 episode batches algorithms are written against), ``engines`` (loop or vmap, and the choice),
-``inner`` (the inner loop), ``gradient`` (``adapt``, ``meta_gradient``), ``evaluate``
-(adaptation curves), ``outer`` (the meta-optimizer), ``params``, ``validate`` and ``inputs``
-(the core's edge).
+``inner`` (the inner loop), ``adapted`` (which parameters adapt), ``gradient`` (``adapt``,
+``meta_gradient``), ``evaluate`` (adaptation curves), ``outer`` (the meta-optimizer),
+``params``, ``validate`` and ``inputs`` (the core's edge).
 
 Importing this package is cheap: its names load torch on first use, so that light paths (the
 run configuration reads :data:`fedmaml.meta.algorithms.ALGORITHMS`) do not import torch.
@@ -18,6 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from fedmaml.meta.adapted import head_names
     from fedmaml.meta.algorithms import ALGORITHMS
     from fedmaml.meta.engines import prefers_vmap
     from fedmaml.meta.evaluate import adaptation_curve, adaptation_curves, mean_curve
@@ -37,6 +38,7 @@ _HOMES = {
     "adapt": "fedmaml.meta.gradient",
     "adaptation_curve": "fedmaml.meta.evaluate",
     "adaptation_curves": "fedmaml.meta.evaluate",
+    "head_names": "fedmaml.meta.adapted",
     "mean_curve": "fedmaml.meta.evaluate",
     "meta_gradient": "fedmaml.meta.gradient",
     "model_params": "fedmaml.meta.params",
@@ -63,6 +65,7 @@ __all__ = [
     "adapt",
     "adaptation_curve",
     "adaptation_curves",
+    "head_names",
     "mean_curve",
     "meta_gradient",
     "model_params",

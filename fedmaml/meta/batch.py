@@ -46,13 +46,14 @@ Row = dict[str, Tensor]
 @dataclass(frozen=True)
 class Settings:
     """What every episode of one call shares. ``inner_lr`` holds no graph (Meta-SGD makes its
-    own leaves of it)."""
+    own leaves of it); ``adapted`` names the parameters the inner loop adapts (None: all)."""
 
     model: nn.Module
     buffers: Params
     loss_fn: LossFn
     inner_steps: int
     inner_lr: InnerLR
+    adapted: tuple[str, ...] | None = None
     metrics_before: bool = True
 
 
@@ -88,8 +89,8 @@ class EpisodeBatch(ABC):
         steps: int | None = None,
     ) -> Params:
         """θ'_i after ``steps`` (default K) inner steps from ``start`` on ``data`` with step size
-        ``lr`` (default α); differentiable through the steps when ``second_order``, else with
-        dθ'/dθ = I."""
+        ``lr`` (default α), on the adapted parameters; differentiable through the steps when
+        ``second_order``, else with dθ'/dθ = I."""
         s = self.settings
         return inner_loop(
             start,
@@ -98,6 +99,7 @@ class EpisodeBatch(ABC):
             inner_steps=s.inner_steps if steps is None else steps,
             inner_lr=s.inner_lr if lr is None else lr,
             first_order=not second_order,
+            adapted=s.adapted,
         )
 
     def _grad_fn(self, *, create_graph: bool) -> GradFn:

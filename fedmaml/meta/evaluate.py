@@ -2,8 +2,9 @@
 
     θ'_0 = θ,  θ'_{k+1} = θ'_k − α ⊙ ∇L_support(θ'_k);   report L_query(θ'_k) (and accuracy)
 
-This is the evaluation protocol of MAML (k = 0 is the model before adaptation) and the way a
-trained θ is personalized to a user. :func:`adaptation_curve` gives one episode's curve and θ'_K,
+on the adapted parameters (all, or the head: :mod:`fedmaml.meta.adapted`). This is the
+evaluation protocol of MAML (k = 0 is the model before adaptation) and the way a trained θ is
+personalized to a user. :func:`adaptation_curve` gives one episode's curve and θ'_K,
 :func:`adaptation_curves` those of many episodes (users), batched with ``torch.vmap`` where the
 engine choice (:func:`fedmaml.meta.engines.uses_vmap`) says so, and :func:`mean_curve` their
 mean. No second-order graph is built.
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from fedmaml.errors import NonFiniteError
 from fedmaml.meta import inputs, validate
+from fedmaml.meta.adapted import Adapted, adapted_names
 from fedmaml.meta.batch import (
     Episode,
     EpisodeBatch,
@@ -57,6 +59,7 @@ def adaptation_curve(
     loss_fn: LossFn,
     steps: int,
     inner_lr: InnerLR = 0.01,
+    adapted: Adapted = "all",
 ) -> tuple[Curve, Params]:
     """Query metrics for k = 0..``steps`` and the adapted parameters θ'_steps.
 
@@ -65,7 +68,7 @@ def adaptation_curve(
     metric is not finite.
     """
     settings, theta, [support], [query] = _prepare(
-        model, params, support, query, loss_fn, steps, inner_lr
+        model, params, support, query, loss_fn, steps, inner_lr, adapted
     )
     [curve], fast = _run(Episode(settings, theta, support, query), [0])
     return curve, fast
@@ -80,6 +83,7 @@ def adaptation_curves(
     loss_fn: LossFn,
     steps: int,
     inner_lr: InnerLR = 0.01,
+    adapted: Adapted = "all",
     batching: str = "auto",
     chunk_size: int = 256,
     progress: Callable[[int], None] | None = None,
@@ -95,7 +99,7 @@ def adaptation_curves(
     validate.check_choice("batching", batching, validate.BATCHING)
     validate.check_chunk_size(chunk_size)
     settings, theta, supports_, queries_ = _prepare(
-        model, params, list(supports), list(queries), loss_fn, steps, inner_lr
+        model, params, list(supports), list(queries), loss_fn, steps, inner_lr, adapted
     )
     vmap = uses_vmap(model, settings.buffers, batching)
     groups: dict[tuple, list[int]] = {}
@@ -140,6 +144,7 @@ def _prepare(
     loss_fn: LossFn,
     steps: int,
     inner_lr: InnerLR,
+    adapted: Adapted,
 ) -> tuple[Settings, Params, list[Pair], list[Pair]]:
     """Checked settings, θ without a graph, and the episodes on θ's device."""
     theta, alpha = split_inner_lrs(params)
@@ -147,6 +152,7 @@ def _prepare(
     validate.check_steps(steps)
     lr: InnerLR = {k: v.detach() for k, v in alpha.items()} or inner_lr
     validate.check_inner_lr(lr)
+    names = adapted_names(model, adapted)
     supports = validate.as_episodes("support", support)
     queries = validate.as_episodes("query", query)
     validate.check_pairing(supports, queries)
@@ -159,6 +165,7 @@ def _prepare(
         loss_fn=loss_fn,
         inner_steps=steps,
         inner_lr=lr,
+        adapted=names,
         metrics_before=False,
     )
     return settings, detached(theta), supports, queries

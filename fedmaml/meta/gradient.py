@@ -8,6 +8,7 @@ each algorithm of :mod:`fedmaml.meta.algorithms` gives its own mean meta-gradien
 * ``metasgd``   (g_θ, g_α) = 1/n Σ_i ∇_(θ,α) L_Qi(θ'_i(θ, α)),  α learned per parameter
 * ``reptile``   g = 1/n Σ_i (θ − θ'_i)                 θ' after K first-order steps on S_i
 * ``fedavg``    g = 1/n Σ_i (θ − θ'_i)                 θ' after K local SGD steps on S_i ∪ Q_i
+* ``anil``      MAML whose inner loop adapts the head only
 
 computed by one of two engines (:mod:`fedmaml.meta.engines`): a per-episode loop, or
 ``torch.vmap`` over the stacked episodes; ``batching="auto"`` picks by model.
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fedmaml.meta import inputs, validate
+from fedmaml.meta.adapted import Adapted, adapted_names
 from fedmaml.meta.algorithms import resolve
 from fedmaml.meta.algorithms.base import Algorithm
 from fedmaml.meta.batch import Pair, Settings
@@ -40,8 +42,11 @@ def adapt(
     inner_lr: InnerLR = 0.01,
     first_order: bool = False,
     buffers: Mapping[str, Tensor] | None = None,
+    adapted: Adapted = "all",
 ) -> Params:
-    """θ' after ``inner_steps`` steps θ ← θ − α ⊙ ∇L_support(θ).
+    """θ' after ``inner_steps`` steps θ ← θ − α ⊙ ∇L_support(θ) on the ``adapted`` parameters
+    (``"all"``, ``"head"`` or a collection of names, :mod:`fedmaml.meta.adapted`); the others
+    are returned unchanged.
 
     ``params`` may hold learned step sizes (keys ``inner_lr.<name>``, as Meta-SGD trains them);
     they then replace ``inner_lr``. The result is differentiable w.r.t. ``params`` (and α) when
@@ -52,6 +57,7 @@ def adapt(
     validate.check_steps(inner_steps)
     lr: InnerLR = alpha or inner_lr
     validate.check_inner_lr(lr)
+    names = adapted_names(model, adapted)
     [support] = validate.as_episodes("support", support)
     support = inputs.to_device(support, inputs.device_of(theta))
     grad_fn = autograd_grad_fn(
@@ -65,6 +71,7 @@ def adapt(
             inner_steps=inner_steps,
             inner_lr=lr,
             first_order=first_order,
+            adapted=names,
         )
     validate.check_finite("the adapted parameters", fast)
     return fast
@@ -122,6 +129,7 @@ def meta_gradient(
         loss_fn=loss_fn,
         inner_steps=inner_steps,
         inner_lr=lr if isinstance(lr, float | int) else {k: v.detach() for k, v in lr.items()},
+        adapted=adapted_names(model, algo.adapted),
         metrics_before=metrics_before,
     )
     with inputs.clear_errors("support/query", supports[0]):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedmaml.errors import NonFiniteError
+from fedmaml.meta.adapted import Adapted
 from fedmaml.meta.evaluate import AdaptationDiverged, adaptation_curve, adaptation_curves
 from fedmaml.meta.params import InnerLR, Params
 from fedmaml.personalize.global_model import GlobalModel
@@ -40,7 +41,7 @@ class UserResult:
 
 
 def adapt_user(
-    g: GlobalModel, split: UserSplit, steps: int, lr: InnerLR
+    g: GlobalModel, split: UserSplit, steps: int, lr: InnerLR, adapt: Adapted
 ) -> tuple[UserResult, Params]:
     """θ'_K and the curve of one user."""
     try:
@@ -52,6 +53,7 @@ def adapt_user(
             loss_fn=_loss(split.classification),
             steps=steps,
             inner_lr=lr,
+            adapted=adapt,
         )
     except AdaptationDiverged:
         raise NonFiniteError(_diverged(split.user)) from None
@@ -63,6 +65,7 @@ def adapt_users(
     splits: Sequence[UserSplit],
     steps: int,
     lr: InnerLR,
+    adapt: Adapted,
     *,
     batching: str,
     chunk_size: int,
@@ -78,6 +81,7 @@ def adapt_users(
             loss_fn=_loss(splits[0].classification),
             steps=steps,
             inner_lr=lr,
+            adapted=adapt,
             batching=batching,
             chunk_size=chunk_size,
             progress=progress,

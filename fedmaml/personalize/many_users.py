@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedmaml.errors import FedmamlError
 from fedmaml.meta import validate
+from fedmaml.meta.adapted import Adapted
 from fedmaml.meta.evaluate import mean_curve
 from fedmaml.personalize.adapt import adapt_users
 from fedmaml.personalize.global_model import GlobalModel, Source, resolve_global
@@ -35,6 +36,7 @@ def personalize_many(
     support_size: int | None = None,
     support_fraction: float | None = None,
     seed: int = 0,
+    adapt: Adapted | None = None,
     batching: str = "auto",
     chunk_size: int = 256,
     plot: str | os.PathLike | None = None,
@@ -46,11 +48,12 @@ def personalize_many(
     ``users``: in-memory clients (a mapping user -> ClientData or (x, y), or a list of
     ClientData), a table with ``user_column`` (DataFrame or path), or a folder of one table per
     user. Each user is split as in :func:`personalize` with the same ``seed``, so a row equals
-    ``personalize(..., user_data=that user)``. ``batching``: ``vmap`` adapts users of equal data
-    shapes together in chunks of ``chunk_size`` (``auto`` does so for models without buffers or
-    convolutions), ``loop`` one user at a time (:func:`fedmaml.meta.evaluate.adaptation_curves`).
-    ``plot``: write a histogram of the gains there (PNG). ``df.attrs`` holds ``metric``,
-    ``steps``, ``lr`` and the mean curve over users.
+    ``personalize(..., user_data=that user)``. ``adapt`` as in :func:`personalize`.
+    ``batching``: ``vmap`` adapts users of equal data shapes together in chunks of
+    ``chunk_size`` (``auto`` does so for models without buffers or convolutions), ``loop`` one
+    user at a time (:func:`fedmaml.meta.evaluate.adaptation_curves`). ``plot``: write a
+    histogram of the gains there (PNG). ``df.attrs`` holds ``metric``, ``steps``, ``lr`` and the
+    mean curve over users.
     """
     import pandas as pd
 
@@ -71,6 +74,7 @@ def personalize_many(
             splits,
             k,
             rate,
+            g.adapted(adapt),
             batching=batching,
             chunk_size=chunk_size,
             progress=advance,

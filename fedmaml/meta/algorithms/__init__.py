@@ -11,6 +11,7 @@ fomaml      first-order MAML (same paper, §5.2)
 metasgd     Meta-SGD: MAML with learned per-parameter step sizes (Li et al., 2017)
 reptile     Reptile (Nichol, Achiam & Schulman, 2018)
 fedavg      FedAvg + fine-tuning, as a pseudo-gradient (McMahan et al., AISTATS 2017)
+anil        ANIL: the inner loop adapts the head only (Raghu et al., ICLR 2020)
 =========== ================================================================================
 """
 
@@ -30,6 +31,7 @@ ALGORITHMS: tuple[str, ...] = (
     "metasgd",
     "reptile",
     "fedavg",
+    "anil",
 )
 
 

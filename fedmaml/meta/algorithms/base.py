@@ -6,6 +6,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+from fedmaml.meta.adapted import Adapted
 from fedmaml.meta.batch import EpisodeBatch
 from fedmaml.meta.params import Params
 
@@ -13,11 +14,14 @@ from fedmaml.meta.params import Params
 class Algorithm(ABC):
     """One meta-learning algorithm.
 
-    ``learns_inner_lr``: the meta-parameters hold learned step sizes α (Meta-SGD), which
+    ``adapted``: which parameters its inner loop adapts (``"all"`` or ``"head"``, see
+    :mod:`fedmaml.meta.adapted`); evaluation and personalization of its models adapt the same
+    ones. ``learns_inner_lr``: the meta-parameters hold learned step sizes α (Meta-SGD), which
     start at ``inner_lr`` when absent.
     """
 
     name: ClassVar[str]
+    adapted: ClassVar[Adapted] = "all"
     learns_inner_lr: ClassVar[bool] = False
 
     @abstractmethod

@@ -9,6 +9,9 @@ and the meta-gradient is the exact derivative of the post-adaptation query loss 
 steps (Hessian-vector products included, by differentiating the inner gradients again):
 
     g = 1/n Σ_i ∇_θ L_Qi(θ'_i(θ)) = 1/n Σ_i [Π_{k=K−1..0} (I − α ∇²L_Si(θ'_{i,k}))] ∇L_Qi(θ'_i)
+
+The inner steps adapt the parameters of ``adapted`` (all of them here; ANIL subclasses this with
+the head only); the gradient reaches every parameter.
 """
 
 from __future__ import annotations
