@@ -1,15 +1,22 @@
 """The core's one adaptation path: curves of one or many episodes (vmapped or looped), their
-mean, and the engine choice they share with meta-gradients."""
+mean, the shared engine choice, and the registry of algorithm names that every entry point
+reads."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedmaml.commands.simulate import register
+from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError, NonFiniteError
 from fedmaml.meta import (
+    ALGORITHMS,
     adaptation_curve,
     adaptation_curves,
     mean_curve,
@@ -17,6 +24,7 @@ from fedmaml.meta import (
     model_params,
     with_inner_lrs,
 )
+from fedmaml.meta.algorithms import resolve
 from fedmaml.meta.algorithms.base import Algorithm
 from fedmaml.meta.engines import loop_engine, uses_vmap, vmap_engine
 from fedmaml.meta.evaluate import AdaptationDiverged
@@ -174,3 +182,38 @@ def test_a_custom_algorithm_runs_on_both_engines(sine):
     with pytest.raises(FedmamlError, match="algorithm must be a name"):
         meta_gradient(model, theta, supports, queries, loss_fn=F.mse_loss, algorithm=3)  # type: ignore[arg-type]
     assert {vmap_engine, loop_engine}  # both engines are public
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def test_registry_is_the_one_list_of_names():
+    assert ALGORITHMS == ("maml", "fomaml", "metasgd", "reptile", "fedavg", "anil", "perfedavg")
+    for name in ALGORITHMS:
+        algorithm = resolve(name)
+        assert isinstance(algorithm, Algorithm) and algorithm.name == name
+        assert RunConfig(algorithm=name).algorithm == name
+    assert resolve("anil").adapted == "head" and resolve("maml").adapted == "all"
+    assert resolve("metasgd").learns_inner_lr and not resolve("perfedavg").learns_inner_lr
+    with pytest.raises(FedmamlError, match=r"algorithm.*'mamll'.*anil.*perfedavg"):
+        RunConfig(algorithm="mamll")
+
+
+def test_simulate_accepts_every_registered_algorithm():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    for name in ALGORITHMS:
+        assert parser.parse_args(["simulate", "--algorithm", name]).algorithm == name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["simulate", "--algorithm", "mamll"])
+
+
+def test_reading_the_names_does_not_import_torch():
+    code = (
+        "import sys, fedmaml.config, fedmaml.meta, fedmaml.meta.algorithms as a; "
+        "assert len(a.ALGORITHMS) == 7; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

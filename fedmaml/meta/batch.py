@@ -21,7 +21,10 @@ shared ones (θ, and gradients with respect to θ) never do. The operations:
     query_loss(θ'_i)        Σ_i L_Qi(θ'_i), differentiable; records the query metrics
     observe(θ'_i)           records the query metrics, without a graph
     evaluate(θ'_i)          the query loss (and accuracy) of each episode, without a graph
+    gradient(p_i, data)     ∇L_data_i(p_i) of each episode (first order)
     mean(x_i)               1/n Σ_i x_i
+    map(f, x_i, ...)        f applied to each episode's tensors
+    halves(data)            each episode's data split into even- and odd-numbered examples
 
 The recorded metrics hold ``loss_after`` (and ``accuracy_after`` for integer labels) and, when
 ``metrics_before``, the same at θ, all from one forward pass per query set at each point.
@@ -30,8 +33,9 @@ The recorded metrics hold ``loss_after`` (and ``accuracy_after`` for integer lab
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +106,10 @@ class EpisodeBatch(ABC):
             adapted=s.adapted,
         )
 
+    def gradient(self, params: Params, data: Pair) -> Params:
+        """∇_p L(p_i; data_i) of every episode, for all parameters, without a graph."""
+        return self._grad_fn(create_graph=False)(params, data[0], data[1], None)
+
     def _grad_fn(self, *, create_graph: bool) -> GradFn:
         fn = self._grad_fns.get(create_graph)
         if fn is None:
@@ -148,6 +156,12 @@ class EpisodeBatch(ABC):
     def mean(self, per_episode: Params) -> Params: ...
 
     @abstractmethod
+    def map(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+    @abstractmethod
+    def halves(self, data: Pair) -> tuple[Pair, Pair]: ...
+
+    @abstractmethod
     def query_loss(self, fast: Params) -> Tensor: ...
 
     @abstractmethod
@@ -176,6 +190,13 @@ class Episode(EpisodeBatch):
 
     def mean(self, per_episode: Params) -> Params:
         return per_episode
+
+    def map(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+    def halves(self, data: Pair) -> tuple[Pair, Pair]:
+        x, y = data
+        return (x[0::2], y[0::2]), (x[1::2], y[1::2])
 
     def query_loss(self, fast: Params) -> Tensor:
         loss, self.metrics = self._query_row(fast, *self.query)
@@ -217,6 +238,13 @@ class StackedEpisodes(EpisodeBatch):
 
     def mean(self, per_episode: Params) -> Params:
         return {k: v.mean(0) for k, v in per_episode.items()}
+
+    def map(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return torch.vmap(fn)(*args)
+
+    def halves(self, data: Pair) -> tuple[Pair, Pair]:
+        x, y = data
+        return (x[:, 0::2], y[:, 0::2]), (x[:, 1::2], y[:, 1::2])
 
     def query_loss(self, fast: Params) -> Tensor:
         losses, self.metrics = torch.vmap(self._query_row)(fast, *self.query)

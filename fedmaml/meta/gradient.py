@@ -9,6 +9,8 @@ each algorithm of :mod:`fedmaml.meta.algorithms` gives its own mean meta-gradien
 * ``reptile``   g = 1/n Σ_i (θ − θ'_i)                 θ' after K first-order steps on S_i
 * ``fedavg``    g = 1/n Σ_i (θ − θ'_i)                 θ' after K local SGD steps on S_i ∪ Q_i
 * ``anil``      MAML whose inner loop adapts the head only
+* ``perfedavg`` Per-FedAvg (HF): ∇L_D'(θ') − α H_D''(θ) ∇L_D'(θ'), the Hessian-vector product by
+  finite differences on the other half D'' of the query set
 
 computed by one of two engines (:mod:`fedmaml.meta.engines`): a per-episode loop, or
 ``torch.vmap`` over the stacked episodes; ``batching="auto"`` picks by model.

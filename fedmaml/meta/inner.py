@@ -108,10 +108,11 @@ def inner_loop(
         grads = grad_fn(fast, x, y, adapted)
         if first_order:
             grads = {k: g.detach() for k, g in grads.items()}
-        stepped = {k: fast[k] - _step_size(inner_lr, k) * g for k, g in grads.items()}
+        stepped = {k: fast[k] - step_size(inner_lr, k) * g for k, g in grads.items()}
         fast = stepped if adapted is None else {**fast, **stepped}
     return fast
 
 
-def _step_size(inner_lr: InnerLR, name: str) -> float | Tensor:
+def step_size(inner_lr: InnerLR, name: str) -> float | Tensor:
+    """α for parameter ``name``: the one step size, or that parameter's tensor (Meta-SGD)."""
     return inner_lr if isinstance(inner_lr, float | int) else inner_lr[name]

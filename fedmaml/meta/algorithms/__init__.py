@@ -12,6 +12,7 @@ metasgd     Meta-SGD: MAML with learned per-parameter step sizes (Li et al., 201
 reptile     Reptile (Nichol, Achiam & Schulman, 2018)
 fedavg      FedAvg + fine-tuning, as a pseudo-gradient (McMahan et al., AISTATS 2017)
 anil        ANIL: the inner loop adapts the head only (Raghu et al., ICLR 2020)
+perfedavg   Per-FedAvg, Hessian-free (Fallah, Mokhtari & Ozdaglar, NeurIPS 2020)
 =========== ================================================================================
 """
 
@@ -32,6 +33,7 @@ ALGORITHMS: tuple[str, ...] = (
     "reptile",
     "fedavg",
     "anil",
+    "perfedavg",
 )
 
 
