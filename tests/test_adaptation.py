@@ -156,8 +156,8 @@ def test_a_custom_algorithm_runs_on_both_engines(sine):
     class QueryGradient(Algorithm):
         name = "query-gradient"
 
-        def meta_gradient(self, batch: EpisodeBatch, theta):
-            start = leaves(theta)
+        def meta_gradient(self, batch: EpisodeBatch):
+            start = leaves(batch.theta)
             return {
                 k: g / batch.n
                 for k, g in zip(

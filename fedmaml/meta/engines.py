@@ -40,7 +40,7 @@ def loop_engine(
     rows: list[Row] = []
     for support, query in zip(supports, queries, strict=True):
         episode = Episode(settings, start, support, query)
-        grads = algorithm.meta_gradient(episode, theta)
+        grads = algorithm.meta_gradient(episode)
         total = grads if not total else {k: total[k] + grads[k] for k in total}
         rows.append(_recorded(episode.metrics, algorithm))
     n = len(supports)
@@ -56,7 +56,7 @@ def vmap_engine(
 ) -> tuple[Params, dict[str, float]]:
     """The same over all episodes at once, stacked, under ``torch.vmap``."""
     batch = StackedEpisodes(settings, detached(theta), supports, queries)
-    grads = algorithm.meta_gradient(batch, theta)
+    grads = algorithm.meta_gradient(batch)
     return grads, summarise([_recorded(batch.metrics, algorithm)], queries)
 
 

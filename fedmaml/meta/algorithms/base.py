@@ -25,12 +25,13 @@ class Algorithm(ABC):
     learns_inner_lr: ClassVar[bool] = False
 
     @abstractmethod
-    def meta_gradient(self, batch: EpisodeBatch, theta: Params) -> Params:
-        """The mean over ``batch``'s episodes of the meta-gradient (or update direction) at θ,
-        with θ's keys (and α's, as ``inner_lr.<name>``, when ``learns_inner_lr``).
+    def meta_gradient(self, batch: EpisodeBatch) -> Params:
+        """The mean over ``batch``'s episodes of the meta-gradient (or update direction) at θ
+        (``batch.theta``, without a graph), with θ's keys (and α's, as ``inner_lr.<name>``, when
+        ``learns_inner_lr``).
 
-        ``theta`` may require grad; it must not be modified. The query metrics are those of the
-        last ``batch.query_loss`` or ``batch.observe`` call: make exactly one.
+        The query metrics are those of the last ``batch.query_loss`` or ``batch.observe`` call:
+        make exactly one.
         """
 
     def __repr__(self) -> str:

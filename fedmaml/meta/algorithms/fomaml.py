@@ -11,7 +11,7 @@ constants, so dθ'/dθ = I and
 from __future__ import annotations
 
 from fedmaml.meta.algorithms.base import Algorithm
-from fedmaml.meta.batch import EpisodeBatch, detached
+from fedmaml.meta.batch import EpisodeBatch
 from fedmaml.meta.inner import gradients
 from fedmaml.meta.params import Params
 
@@ -19,8 +19,8 @@ from fedmaml.meta.params import Params
 class FOMAML(Algorithm):
     name = "fomaml"
 
-    def meta_gradient(self, batch: EpisodeBatch, theta: Params) -> Params:
-        fast = batch.adapt(batch.expand(detached(theta)), batch.support, second_order=False)
+    def meta_gradient(self, batch: EpisodeBatch) -> Params:
+        fast = batch.adapt(batch.expand(batch.theta), batch.support, second_order=False)
         adapted = {k: v.requires_grad_() for k, v in fast.items()}  # new tensors: θ'_i
         return batch.mean(gradients(batch.query_loss(adapted), adapted))  # row i: ∇L_Qi(θ'_i)
 

@@ -25,8 +25,8 @@ from fedmaml.meta.params import Params
 class MAML(Algorithm):
     name = "maml"
 
-    def meta_gradient(self, batch: EpisodeBatch, theta: Params) -> Params:
-        start = leaves(theta)
+    def meta_gradient(self, batch: EpisodeBatch) -> Params:
+        start = leaves(batch.theta)
         fast = batch.adapt(batch.expand(start), batch.support, second_order=True)
         return gradients(batch.query_loss(fast) / batch.n, start)
 

@@ -26,8 +26,8 @@ class MetaSGD(Algorithm):
     name = "metasgd"
     learns_inner_lr = True
 
-    def meta_gradient(self, batch: EpisodeBatch, theta: Params) -> Params:
-        start = leaves(theta)
+    def meta_gradient(self, batch: EpisodeBatch) -> Params:
+        start = leaves(batch.theta)
         alpha = leaves(dict(cast(Mapping[str, Tensor], batch.settings.inner_lr)))
         fast = batch.adapt(batch.expand(start), batch.support, second_order=True, lr=alpha)
         wrt = {**start, **{INNER_LR_PREFIX + k: v for k, v in alpha.items()}}

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from fedmaml.errors import FedmamlError
 from fedmaml.meta.algorithms.base import Algorithm
-from fedmaml.meta.batch import EpisodeBatch, Pair, detached
+from fedmaml.meta.batch import EpisodeBatch, Pair
 from fedmaml.meta.inner import step_size
 from fedmaml.meta.params import Params
 
@@ -59,7 +59,7 @@ class PerFedAvg(Algorithm):
             raise FedmamlError(f"fd_step must be a finite number > 0 (got {fd_step})")
         self.fd_step = fd_step
 
-    def meta_gradient(self, batch: EpisodeBatch, theta: Params) -> Params:
+    def meta_gradient(self, batch: EpisodeBatch) -> Params:
         gradient_half, hessian_half = batch.halves(batch.query)
         if hessian_half[1].numel() == 0:
             raise FedmamlError(
@@ -67,12 +67,12 @@ class PerFedAvg(Algorithm):
                 "the Hessian-vector product) and needs at least 2 query examples per episode "
                 "(got 1); raise query-size"
             )
-        path = [batch.expand(detached(theta))]
+        path = [batch.expand(batch.theta)]
         for _ in range(batch.settings.inner_steps):
             path.append(batch.adapt(path[-1], batch.support, second_order=False, steps=1))
         batch.observe(path[-1])
         v = batch.gradient(path.pop(), gradient_half)
-        h = self.fd_step or torch.finfo(next(iter(theta.values())).dtype).eps ** (1 / 3)
+        h = self.fd_step or torch.finfo(next(iter(batch.theta.values())).dtype).eps ** (1 / 3)
         for point in reversed(path):
             u = {k: step_size(batch.settings.inner_lr, k) * g for k, g in v.items()}  # α ⊙ v
             hu = hessian_vector(batch, point, u, hessian_half, h)

@@ -11,15 +11,15 @@ The query set is used for the metrics only.
 from __future__ import annotations
 
 from fedmaml.meta.algorithms.base import Algorithm
-from fedmaml.meta.batch import EpisodeBatch, Pair, detached
+from fedmaml.meta.batch import EpisodeBatch, Pair
 from fedmaml.meta.params import Params
 
 
 class Reptile(Algorithm):
     name = "reptile"
 
-    def meta_gradient(self, batch: EpisodeBatch, theta: Params) -> Params:
-        start = detached(theta)
+    def meta_gradient(self, batch: EpisodeBatch) -> Params:
+        start = batch.theta
         fast = batch.adapt(batch.expand(start), self.local_data(batch), second_order=False)
         batch.observe(fast)
         return {k: start[k] - v for k, v in batch.mean(fast).items()}
