@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fedmaml.errors import FedmamlError
+from fedmaml.meta.algorithms import ALGORITHMS
 
 TASKS = ("sine", "omniglot", "femnist", "table", "local")
-ALGORITHMS = ("maml", "fomaml", "metasgd", "reptile", "fedavg")
 META_OPTIMIZERS = ("adam", "sgd")
 AGGREGATIONS = ("uniform", "weighted")
 AGGREGATORS = ("mean", "median", "trimmed-mean", "krum")

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from fedmaml.centralized import MetaTrainResult, meta_train
 from fedmaml.config import RunConfig
 from fedmaml.device import resolve_device
-from fedmaml.meta import meta_gradient, model_params, with_inner_lrs
-from fedmaml.meta.evaluate import adaptation_curve
+from fedmaml.meta import adaptation_curves, mean_curve, meta_gradient, model_params, with_inner_lrs
+from fedmaml.meta.algorithms import resolve
 from fedmaml.meta.params import Params
 from fedmaml.models import build_model
 from fedmaml.tasks.episodes import (
@@ -58,7 +58,7 @@ class Workload:
     def initial_params(self) -> Params:
         """θ from the seeded model initialisation (∪ α = inner-lr for Meta-SGD)."""
         theta = model_params(self.model)
-        if self.cfg.algorithm == "metasgd":
+        if resolve(self.cfg.algorithm).learns_inner_lr:
             return with_inner_lrs(theta, self.cfg.inner_lr)
         return theta
 
@@ -120,29 +120,25 @@ class Workload:
         Each of the ``eval-episodes`` episodes takes its support set from the client's training
         pool and its query set from its held-out pool; the curve is their mean (every episode
         has the same number of queries). The episodes are a fixed function of (seed, client)
-        unless ``meta_round`` differs.
+        unless ``meta_round`` differs. The algorithm's adapted parameters adapt (ANIL: the head).
         """
         g = episode_generator(self.cfg.seed, meta_round, index, stream=EVAL_STREAM)
-        theta = self.to_device(params)
-        curves, num_query = [], 0
-        for _ in range(self.cfg.eval_episodes):
-            task = sample_episode(client, self.spec, g, held_out=True)
-            curve, _ = adaptation_curve(
-                self.model,
-                theta,
-                task.support,
-                task.query,
-                loss_fn=self.loss_fn,
-                steps=self.cfg.eval_steps,
-                inner_lr=self.cfg.inner_lr,
-            )
-            curves.append(curve)
-            num_query += task.num_query
-        mean = [
-            {name: sum(c[k][name] for c in curves) / len(curves) for name in curves[0][k]}
-            for k in range(len(curves[0]))
+        tasks = [
+            sample_episode(client, self.spec, g, held_out=True)
+            for _ in range(self.cfg.eval_episodes)
         ]
-        return mean, num_query
+        curves = adaptation_curves(
+            self.model,
+            self.to_device(params),
+            [t.support for t in tasks],
+            [t.query for t in tasks],
+            loss_fn=self.loss_fn,
+            steps=self.cfg.eval_steps,
+            inner_lr=self.cfg.inner_lr,
+            adapted=resolve(self.cfg.algorithm).adapted,
+            batching=self.cfg.batching,
+        )
+        return mean_curve(curves), sum(t.num_query for t in tasks)
 
 
 @lru_cache(maxsize=4)

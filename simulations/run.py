@@ -25,11 +25,11 @@ import pandas as pd
 from fedmaml.commands.simulate import parse_value, tomllib
 from fedmaml.config import RunConfig
 from fedmaml.federated.simulation import simulate
+from fedmaml.meta.algorithms import ALGORITHMS
 from fedmaml.rundir.report import markdown_table
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-ALGORITHMS = ("maml", "fomaml", "metasgd", "reptile", "fedavg")
 
 
 def load_config(name: str, overrides: list[str]) -> dict:

@@ -8,11 +8,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedmaml.errors import FedmamlError, NonFiniteError
-from fedmaml.meta import adapt, meta_gradient, model_params, with_inner_lrs
+from fedmaml.meta import ALGORITHMS, adapt, meta_gradient, model_params, with_inner_lrs
 from fedmaml.meta.evaluate import adaptation_curve
 from fedmaml.models import build_model
-
-ALGORITHMS = ["maml", "fomaml", "metasgd", "reptile", "fedavg"]
 
 
 def data(n: int = 6, features: int = 1, seed: int = 0) -> tuple[Tensor, Tensor]:

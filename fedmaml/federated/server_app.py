@@ -32,6 +32,7 @@ from fedmaml.federated import keys
 from fedmaml.federated.app_logging import through_flower
 from fedmaml.federated.records import from_record, run_config, to_record
 from fedmaml.federated.strategy import MetaStrategy
+from fedmaml.meta.evaluate import mean_curve
 from fedmaml.meta.outer import MetaOptimizer
 from fedmaml.meta.params import Params
 from fedmaml.run_start import start
@@ -187,9 +188,9 @@ def _train(
                 failed += 1
                 log(WARNING, "fedmaml: central evaluation of held-out task %d failed: %s", i, exc)
         summary = {
-            f"central-{name}-{k}": sum(c[k][name] for c in curves) / len(curves)
-            for k in range(len(curves[0]) if curves else 0)
-            for name in curves[0][k]
+            f"central-{name}-{k}": value
+            for k, entry in enumerate(mean_curve(curves))
+            for name, value in entry.items()
         }
         summary["central-failed"] = failed
         recorder.round_values(offset + server_round, **summary)

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from fedmaml.errors import FedmamlError, NonFiniteError
 from fedmaml.meta.params import InnerLR
 
-ALGORITHMS = ("maml", "fomaml", "metasgd", "reptile", "fedavg")
 BATCHING = ("auto", "vmap", "loop")
 
 Pair = tuple[Tensor, Tensor]
@@ -25,6 +24,11 @@ def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
 def check_steps(inner_steps: int) -> None:
     if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
         raise FedmamlError(f"inner_steps must be an integer >= 1 (got {inner_steps!r})")
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise FedmamlError(f"chunk_size must be an integer >= 1 (got {chunk_size!r})")
 
 
 def check_inner_lr(inner_lr: InnerLR) -> None:

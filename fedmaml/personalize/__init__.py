@@ -7,9 +7,10 @@ out from adaptation). From θ, K plain gradient steps on S give the personalized
 
 α is the checkpoint's learned per-parameter step size when it has ``inner_lr.<name>`` keys
 (Meta-SGD), else one scalar ``lr`` (default: the checkpoint's ``inner-lr``); an explicit ``lr``
-replaces learned step sizes. The metric m is the MSE (regression: a model with one output) or
-the accuracy (classification: one output per class) on E, computed for every k = 0..K (the
-adaptation curve of :func:`fedmaml.meta.evaluate.adaptation_curve`):
+replaces learned step sizes. ``adapt="head"`` adapts the last layer only and leaves the rest
+as it is (the default for a model trained with ANIL). The metric m is the MSE (regression: a
+model with one output) or the accuracy (classification: one output per class) on E, computed
+for every k = 0..K (the adaptation curve of :func:`fedmaml.meta.evaluate.adaptation_curve`):
 
     metric_before = m(θ; E),   metric_after = m(θ'_K; E)
     gain = metric_before − metric_after   (MSE: lower is better)
@@ -24,7 +25,7 @@ shapes with ``torch.func.vmap``; :func:`personalize_client` is the on-device ent
 returns metrics only.
 
 Modules: ``global_model`` (the checkpoint to personalize), ``user_data`` (checks and the
-support/evaluation split), ``adapt`` (the adaptation curves, one user or a vmapped batch),
+support/evaluation split), ``adapt`` (users' adaptation curves, computed by ``fedmaml.meta``),
 ``model`` (the :class:`Personalized` result, saving and loading it), ``tables`` (users read from
 tables), ``one_user``, ``many_users`` and ``on_device`` (the entry points), ``plot``.
 """

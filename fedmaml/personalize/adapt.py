@@ -1,22 +1,19 @@
-"""Adaptation curves: the metric on E for k = 0..K steps of θ'_{k+1} = θ'_k − α ⊙ ∇L_S(θ'_k),
-for one user (:func:`fedmaml.meta.evaluate.adaptation_curve`) or for a batch of users of equal
-data shapes at once (``torch.vmap``)."""
+"""Users' adaptation curves, computed by the core (:func:`fedmaml.meta.evaluate.adaptation_curve`
+for one user, :func:`~fedmaml.meta.evaluate.adaptation_curves` for many: vmapped or looped
+there), with a user whose adaptation diverged named in the error."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call
 
 from fedmaml.errors import NonFiniteError
-from fedmaml.meta.evaluate import adaptation_curve
-from fedmaml.meta.inner import func_grad_fn, inner_loop
+from fedmaml.meta.adapted import Adapted
+from fedmaml.meta.evaluate import AdaptationDiverged, adaptation_curve, adaptation_curves
 from fedmaml.meta.params import InnerLR, Params
 from fedmaml.personalize.global_model import GlobalModel
 from fedmaml.personalize.model import summarize
@@ -43,14 +40,10 @@ class UserResult:
         }
 
 
-def _loss(classification: bool) -> Callable[[Tensor, Tensor], Tensor]:
-    return F.cross_entropy if classification else F.mse_loss
-
-
-def adapt_one(
-    g: GlobalModel, split: UserSplit, steps: int, lr: InnerLR
+def adapt_user(
+    g: GlobalModel, split: UserSplit, steps: int, lr: InnerLR, adapt: Adapted
 ) -> tuple[UserResult, Params]:
-    """θ'_K and the curve of one user, through :func:`adaptation_curve`."""
+    """θ'_K and the curve of one user."""
     try:
         curve, fast = adaptation_curve(
             g.model,
@@ -60,56 +53,46 @@ def adapt_one(
             loss_fn=_loss(split.classification),
             steps=steps,
             inner_lr=lr,
+            adapted=adapt,
         )
-    except NonFiniteError:
+    except AdaptationDiverged:
         raise NonFiniteError(_diverged(split.user)) from None
-    if not all(math.isfinite(v) for entry in curve for v in entry.values()):
-        raise NonFiniteError(_diverged(split.user))
     return UserResult(split, curve), fast
 
 
-def adapt_batch(
-    g: GlobalModel, splits: Sequence[UserSplit], steps: int, lr: InnerLR
+def adapt_users(
+    g: GlobalModel,
+    splits: Sequence[UserSplit],
+    steps: int,
+    lr: InnerLR,
+    adapt: Adapted,
+    *,
+    batching: str,
+    chunk_size: int,
+    progress: Callable[[int], None] | None = None,
 ) -> list[UserResult]:
-    """The curves of users whose data have equal shapes, vectorised with ``torch.vmap``: the same
-    recursion as :func:`adaptation_curve`, one user per batch row."""
-    classification = splits[0].classification
-    loss_fn = _loss(classification)
-    buffers: Params = {}
-    grad_fn = func_grad_fn(g.model, buffers, loss_fn)
+    """The curves of many users of one model (all regression or all classification)."""
+    try:
+        curves = adaptation_curves(
+            g.model,
+            g.theta,
+            [s.support for s in splits],
+            [s.evaluation for s in splits],
+            loss_fn=_loss(splits[0].classification),
+            steps=steps,
+            inner_lr=lr,
+            adapted=adapt,
+            batching=batching,
+            chunk_size=chunk_size,
+            progress=progress,
+        )
+    except AdaptationDiverged as exc:
+        raise NonFiniteError(_diverged(splits[exc.episode].user)) from None
+    return [UserResult(s, c) for s, c in zip(splits, curves, strict=True)]
 
-    def curve(sx: Tensor, sy: Tensor, ex: Tensor, ey: Tensor) -> tuple[Tensor, Tensor]:
-        fast, losses, accuracies = g.theta, [], []
-        for k in range(steps + 1):
-            if k:
-                fast = inner_loop(
-                    fast, (sx, sy), grad_fn, inner_steps=1, inner_lr=lr, first_order=True
-                )
-            out = functional_call(g.model, (fast, buffers), (ex,))
-            losses.append(loss_fn(out, ey))
-            accuracies.append(
-                (out.argmax(-1) == ey).float().mean() if classification else losses[-1]
-            )
-        return torch.stack(losses), torch.stack(accuracies)
 
-    stacked = [
-        torch.stack(parts)
-        for parts in zip(*(s.support + s.evaluation for s in splits), strict=True)
-    ]
-    with torch.no_grad():
-        losses, accuracies = torch.vmap(curve)(*stacked)
-    finite = torch.isfinite(losses).all(1)
-    if not finite.all():
-        raise NonFiniteError(_diverged(splits[int((~finite).nonzero()[0])].user))
-    losses_, accuracies_ = losses.tolist(), accuracies.tolist()
-    results = []
-    for split, user_losses, user_accuracies in zip(splits, losses_, accuracies_, strict=True):
-        entries = [{"loss": v} for v in user_losses]
-        if classification:
-            for entry, accuracy in zip(entries, user_accuracies, strict=True):
-                entry["accuracy"] = accuracy
-        results.append(UserResult(split, entries))
-    return results
+def _loss(classification: bool) -> Callable[[Tensor, Tensor], Tensor]:
+    return F.cross_entropy if classification else F.mse_loss
 
 
 def _diverged(user: str) -> str:

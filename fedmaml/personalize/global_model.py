@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from fedmaml.checkpoint import Checkpoint, load_checkpoint
 from fedmaml.errors import FedmamlError
 from fedmaml.meta import validate
+from fedmaml.meta.adapted import Adapted
+from fedmaml.meta.algorithms import ALGORITHMS, resolve
 from fedmaml.meta.params import INNER_LR_PREFIX, InnerLR, Params, split_inner_lrs
 from fedmaml.personalize.model import SECTION
 
@@ -58,6 +60,14 @@ class GlobalModel:
         rate = float(self.config.get("inner-lr", DEFAULT_LR)) if lr is None else lr
         validate.check_inner_lr(rate)
         return k, float(rate), float(rate)
+
+    def adapted(self, adapt: Adapted | None) -> Adapted:
+        """The parameters to adapt: ``adapt`` when given, else those the checkpoint's algorithm
+        adapts (the head for ``anil``), else all."""
+        if adapt is not None:
+            return adapt
+        algorithm = self.config.get("algorithm")
+        return resolve(algorithm).adapted if algorithm in ALGORITHMS else "all"
 
 
 def resolve_global(source: Source | GlobalModel) -> GlobalModel:

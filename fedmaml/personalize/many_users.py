@@ -9,12 +9,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
 from fedmaml.errors import FedmamlError
 from fedmaml.meta import validate
-from fedmaml.meta.gradient import prefers_vmap
-from fedmaml.personalize.adapt import UserResult, adapt_batch, adapt_one
+from fedmaml.meta.adapted import Adapted
+from fedmaml.meta.evaluate import mean_curve
+from fedmaml.personalize.adapt import adapt_users
 from fedmaml.personalize.global_model import GlobalModel, Source, resolve_global
 from fedmaml.personalize.plot import plot_gain
 from fedmaml.personalize.tables import load_table_users
@@ -23,8 +22,6 @@ from fedmaml.tasks.episodes import ClientData
 
 if TYPE_CHECKING:
     import pandas as pd
-
-BATCHING = ("auto", "vmap", "loop")
 
 
 def personalize_many(
@@ -39,6 +36,7 @@ def personalize_many(
     support_size: int | None = None,
     support_fraction: float | None = None,
     seed: int = 0,
+    adapt: Adapted | None = None,
     batching: str = "auto",
     chunk_size: int = 256,
     plot: str | os.PathLike | None = None,
@@ -50,16 +48,17 @@ def personalize_many(
     ``users``: in-memory clients (a mapping user -> ClientData or (x, y), or a list of
     ClientData), a table with ``user_column`` (DataFrame or path), or a folder of one table per
     user. Each user is split as in :func:`personalize` with the same ``seed``, so a row equals
-    ``personalize(..., user_data=that user)``. ``batching``: ``vmap`` adapts users of equal data
-    shapes together in chunks of ``chunk_size`` (``auto`` does so for models without buffers or
-    convolutions), ``loop`` one user at a time. ``plot``: write a histogram of the gains there
-    (PNG). ``df.attrs`` holds ``metric``, ``steps``, ``lr`` and the mean curve over users.
+    ``personalize(..., user_data=that user)``. ``adapt`` as in :func:`personalize`.
+    ``batching``: ``vmap`` adapts users of equal data shapes together in chunks of
+    ``chunk_size`` (``auto`` does so for models without buffers or convolutions), ``loop`` one
+    user at a time (:func:`fedmaml.meta.evaluate.adaptation_curves`). ``plot``: write a
+    histogram of the gains there (PNG). ``df.attrs`` holds ``metric``, ``steps``, ``lr`` and the
+    mean curve over users.
     """
     import pandas as pd
 
-    validate.check_choice("batching", batching, BATCHING)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise FedmamlError(f"chunk_size must be an integer >= 1 (got {chunk_size!r})")
+    validate.check_choice("batching", batching, validate.BATCHING)
+    validate.check_chunk_size(chunk_size)
     g = resolve_global(checkpoint_or_model)
     k, rate, scalar = g.defaults(steps, lr)
     data = _user_mapping(g, users, user_column, label_column, feature_columns)
@@ -69,31 +68,23 @@ def personalize_many(
         )
         for u, d in data.items()
     ]
-    vmap = _use_vmap(g.model, batching)
-    groups: dict[tuple, list[int]] = {}
-    for i, s in enumerate(splits):
-        groups.setdefault(s.shapes if vmap else (i,), []).append(i)
-    results: list[UserResult | None] = [None] * len(splits)
     with _progress(progress, len(splits), "personalizing") as advance:
-        for members in groups.values():
-            if len(members) == 1:
-                results[members[0]] = adapt_one(g, splits[members[0]], k, rate)[0]
-                advance(1)
-                continue
-            for start in range(0, len(members), chunk_size):
-                chunk = members[start : start + chunk_size]
-                for i, r in zip(
-                    chunk, adapt_batch(g, [splits[i] for i in chunk], k, rate), strict=True
-                ):
-                    results[i] = r
-                advance(len(chunk))
-    done = [r for r in results if r is not None]
+        done = adapt_users(
+            g,
+            splits,
+            k,
+            rate,
+            g.adapted(adapt),
+            batching=batching,
+            chunk_size=chunk_size,
+            progress=advance,
+        )
     df = pd.DataFrame([r.row() for r in done])
     df.attrs.update(
         metric=done[0].metric,
         steps=k,
         lr=scalar if scalar is not None else "learned",
-        curve=_mean_curve(done),
+        curve=mean_curve([r.curve for r in done]),
     )
     if plot is not None:
         plot_gain(df, plot)
@@ -133,27 +124,6 @@ def _user_mapping(
     if not data:
         raise FedmamlError("no users to personalize; give at least one")
     return data
-
-
-def _use_vmap(model: nn.Module, batching: str) -> bool:
-    has_buffers = any(True for _ in model.buffers())
-    if batching == "vmap" and has_buffers:
-        raise FedmamlError(
-            "batching='vmap' cannot run a model with buffers (e.g. BatchNorm running "
-            "statistics); use batching='loop'"
-        )
-    if batching == "auto":
-        return prefers_vmap(model) and not has_buffers
-    return batching == "vmap"
-
-
-def _mean_curve(results: Sequence[UserResult]) -> list[dict[str, float]]:
-    keys = results[0].curve[0].keys()
-    n = len(results)
-    return [
-        {key: sum(r.curve[k][key] for r in results) / n for key in keys}
-        for k in range(len(results[0].curve))
-    ]
 
 
 @contextmanager

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedmaml.errors import FedmamlError
-from fedmaml.personalize.adapt import adapt_one
+from fedmaml.meta.adapted import Adapted
+from fedmaml.personalize.adapt import adapt_user
 from fedmaml.personalize.global_model import GlobalModel, Source, resolve_global
 from fedmaml.personalize.model import Personalized
 from fedmaml.personalize.tables import load_table_users
@@ -31,6 +32,7 @@ def personalize(
     user: str | None = None,
     label_column: str | None = None,
     feature_columns: Sequence[str] | None = None,
+    adapt: Adapted | None = None,
 ) -> Personalized:
     """Adapt the global model to one user (see :mod:`fedmaml.personalize` for the math).
 
@@ -39,7 +41,10 @@ def personalize(
     Parquet path; then ``label_column`` is required and ``feature_columns`` defaults to every
     other numeric column). ``user`` names the user (default: the client id, the file name, or
     "user"). ``steps`` defaults to the checkpoint's ``eval-steps`` (else 5), ``lr``
-    to its learned step sizes or its ``inner-lr`` (else 0.01).
+    to its learned step sizes or its ``inner-lr`` (else 0.01). ``adapt``: the parameters to
+    adapt, ``"all"``, ``"head"`` (the last layer; the rest stays bit-identical) or a collection
+    of parameter names; default: those the checkpoint's algorithm adapts (the head for
+    ``anil``), else all.
     """
     g = resolve_global(checkpoint_or_model)
     k, rate, scalar = g.defaults(steps, lr)
@@ -66,7 +71,7 @@ def personalize(
         g, user_data, user=user, support_size=support_size, support_fraction=support_fraction,
         seed=seed,
     )  # fmt: skip
-    result, fast = adapt_one(g, split, k, rate)
+    result, fast = adapt_user(g, split, k, rate, g.adapted(adapt))
     return Personalized(
         model=g.model,
         params=fast,

@@ -28,10 +28,6 @@ class UserSplit:
     evaluation: Pair
     classification: bool
 
-    @property
-    def shapes(self) -> tuple[torch.Size, ...]:
-        return tuple(t.shape for t in (*self.support, *self.evaluation))
-
 
 def prepare_user(
     g: GlobalModel,
