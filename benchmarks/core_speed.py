@@ -77,7 +77,7 @@ SAMPLE_SECONDS = 0.03
 
 
 @dataclass
-class Workload:
+class Problem:
     """A model, its loss and inner step size, and one meta-batch of (support, query) tasks."""
 
     name: str
@@ -87,7 +87,7 @@ class Workload:
     tasks: list[tuple[Pair, Pair]]
 
 
-def make_workload(name: str, n_tasks: int) -> Workload:
+def make_workload(name: str, n_tasks: int) -> Problem:
     """The same seeded meta-batch in every process (the memory probes rebuild it)."""
     torch.manual_seed(0)
     if name == "sine":
@@ -98,7 +98,7 @@ def make_workload(name: str, n_tasks: int) -> Workload:
             for i in range(n_tasks)
         ]
         tasks = [(e.support, e.query) for e in episodes]
-        return Workload(name, build_model("sine_mlp"), F.mse_loss, 0.01, tasks)
+        return Problem(name, build_model("sine_mlp"), F.mse_loss, 0.01, tasks)
     model, lr = {
         "conv4": (lambda: build_model("conv4", ways=5), 0.4),
         "femnist_cnn": (lambda: build_model("femnist_cnn"), 0.05),
@@ -109,13 +109,13 @@ def make_workload(name: str, n_tasks: int) -> Workload:
         y = torch.arange(5).repeat(per_class)
         return torch.rand(len(y), 1, 28, 28, generator=g), y
 
-    return Workload(
+    return Problem(
         name, model(), F.cross_entropy, lr, [(images(1), images(15)) for _ in range(n_tasks)]
     )
 
 
 def meta_call(
-    work: Workload, impl: str, algorithm: str, steps: int, *, full: bool
+    work: Problem, impl: str, algorithm: str, steps: int, *, full: bool
 ) -> Callable[[], tuple[Grads, dict[str, float]]]:
     """A no-argument call returning (meta-gradient, metrics) of the whole meta-batch. ``impl`` is
     "reference" or a fedmaml ``batching`` ("auto", "loop", "vmap"); ``full``: with the
@@ -151,7 +151,7 @@ def meta_call(
     )
 
 
-def runner(work: Workload, impl: str, algorithm: str, steps: int) -> Callable[[], Grads]:
+def runner(work: Problem, impl: str, algorithm: str, steps: int) -> Callable[[], Grads]:
     """The meta-gradient alone: "reference" / "fedmaml" without pre-adaptation metrics,
     "reference-full" / "fedmaml-full" with them; "loop" / "vmap" force fedmaml's engine."""
     base, _, suffix = impl.partition("-")
@@ -357,7 +357,7 @@ def against_reference(args: argparse.Namespace, plan: list[tuple[str, int]]) -> 
     return rows
 
 
-def check_same_metrics(work: Workload, algorithm: str, steps: int) -> None:
+def check_same_metrics(work: Problem, algorithm: str, steps: int) -> None:
     """fedmaml's default metrics equal the plain ones the full reference computes."""
     _, ours = meta_call(work, "auto", algorithm, steps, full=True)()
     _, plain = meta_call(work, "reference", algorithm, steps, full=True)()

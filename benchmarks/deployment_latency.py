@@ -45,7 +45,7 @@ IMPORTS = {
     "+ torch": "import flwr.clientapp, torch",
     "+ torch + fedmaml": (
         "import flwr.clientapp, torch; import fedmaml.federated.client_app, "
-        "fedmaml.federated.node, fedmaml.workload, fedmaml.tasks.local"
+        "fedmaml.federated.node, fedmaml.problem, fedmaml.tasks.local"
     ),
 }
 RUN_CONFIG = {
@@ -70,11 +70,11 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedmaml.config import RunConfig
 from fedmaml.federated.client_app import app
 from fedmaml.federated.records import to_record
-from fedmaml.workload import Workload
+from fedmaml.problem import Problem
 
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 run_config = {run_config!r}
-theta = Workload.from_config(RunConfig.from_mapping(run_config)).initial_params()
+theta = Problem.from_config(RunConfig.from_mapping(run_config)).initial_params()
 content = RecordDict({{"arrays": to_record(theta), "config": ConfigRecord({{"meta-round": 1}})}})
 message = Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
 node_config = {{"data-path": sys.argv[1], "cache-dir": sys.argv[2], "client-index": 0}}
@@ -92,14 +92,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmaml.config import RunConfig
 from fedmaml.federated.records import to_record
-from fedmaml.workload import Workload
+from fedmaml.problem import Problem
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    work = Workload.from_config(RunConfig.from_mapping(context.run_config))
+    work = Problem.from_config(RunConfig.from_mapping(context.run_config))
     arrays = to_record(work.initial_params())
     while len(grid.get_node_ids()) < {nodes}:
         time.sleep(0.5)

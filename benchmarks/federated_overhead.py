@@ -10,7 +10,7 @@ Three ways of doing the same rounds: 100 training + 20 held-out clients (120 nod
 training clients sampled per round, MAML with 1 inner step, Adam:
 
 * **in-process**: the round's 10 sampled clients' meta-gradients computed one after the other
-  in this process (``Workload.client_meta_gradient``), averaged, one ``MetaOptimizer`` step.
+  in this process (``Problem.client_meta_gradient``), averaged, one ``MetaOptimizer`` step.
 * **fedmaml**: a real Flower simulation of fedmaml's ServerApp and ClientApp, launched by
   ``fedmaml.federated.simulation.simulate`` (its own SuperLink, Ray backend, 1 CPU per client:
   two Ray actors on two cores). Evaluation is off for the timed rounds (``eval-every`` = 10^6):
@@ -84,8 +84,9 @@ from fedmaml.federated.server_app import build_aggregator
 from fedmaml.federated.simulation import SimulationOptions, simulate
 from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.meta.outer import MetaOptimizer
-from fedmaml.rundir.names import CHECKPOINT, ROUNDS, SUMMARY, RunRecorder
-from fedmaml.workload import Workload
+from fedmaml.problem import Problem
+from fedmaml.rundir.names import CHECKPOINT, ROUNDS, SUMMARY
+from fedmaml.rundir.recorder import RunRecorder
 
 TRIVIAL_APP = Path(__file__).resolve().parent / "trivial_app"
 NO_EVAL = 10**6
@@ -137,7 +138,7 @@ def in_process(cfg: RunConfig) -> Timing:
     """The rounds' computation without Flower: sampled clients' meta-gradients, mean, step."""
     load = load_average()
     start = time.perf_counter()
-    work = Workload.from_config(cfg)
+    work = Problem.from_config(cfg)
     clients = [work.source.client(i, "train") for i in range(cfg.num_train_clients)]
     optimizer = MetaOptimizer(work.initial_params(), cfg.meta_optimizer, cfg.meta_lr)
     params = optimizer.current()
@@ -202,7 +203,7 @@ def run_trivial(cfg: RunConfig, array_shapes: str) -> Timing:
 
 def shapes_of(cfg: RunConfig) -> str:
     """fedmaml's meta-parameter shapes in the trivial app's ``array-shapes`` form."""
-    params = Workload.from_config(cfg).initial_params()
+    params = Problem.from_config(cfg).initial_params()
     return ",".join("x".join(str(d) for d in p.shape) for p in params.values())
 
 
@@ -227,7 +228,7 @@ def breakdown(cfg: RunConfig, rounds: int) -> list[tuple[str, float]]:
     # Messages are made inside a ServerApp process, whose run and node ids Flower sets.
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     logging.getLogger("flwr").setLevel(logging.WARNING)  # no per-round log lines here
-    work = Workload.from_config(cfg)
+    work = Problem.from_config(cfg)
     optimizer = MetaOptimizer(work.initial_params(), cfg.meta_optimizer, cfg.meta_lr)
     arrays = to_record(optimizer.current())
     config = cfg.to_mapping()

@@ -2,7 +2,7 @@
 
 Three runs with the same budget (rounds x tasks per round), the same 100 training tasks and the
 same held-out tasks, all evaluated by the one evaluation function the server uses
-(``Workload.evaluation_curve``: support from the task's training pool, query from its held-out
+(``Problem.evaluation_curve``: support from the task's training pool, query from its held-out
 pool, K=10, 1 adaptation step with α):
 
 * centralized MAML (``fedmaml.centralized.meta_train``, one process);
@@ -26,12 +26,12 @@ import torch
 from fedmaml.checkpoint import load_checkpoint
 from fedmaml.config import RunConfig
 from fedmaml.federated.simulation import simulate
+from fedmaml.problem import Problem
 from fedmaml.rundir.names import CHECKPOINT
-from fedmaml.workload import Workload
 
 
 def heldout_mse(cfg: RunConfig, params: dict[str, torch.Tensor], n: int) -> list[float]:
-    work = Workload.from_config(cfg)
+    work = Problem.from_config(cfg)
     return [
         work.evaluation_curve(params, work.source.client(i, "heldout"), i)[0][1]["loss"]
         for i in range(n)
@@ -61,7 +61,7 @@ def main() -> None:
     rows = []
 
     t = time.monotonic()
-    central = Workload.from_config(base).train_centrally(args.rounds)
+    central = Problem.from_config(base).train_centrally(args.rounds)
     rows.append(
         ("centralized MAML", heldout_mse(base, central.params, args.heldout), time.monotonic() - t)
     )

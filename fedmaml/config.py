@@ -16,13 +16,12 @@ from typing import Any
 
 from fedmaml.errors import FedmamlError
 from fedmaml.meta.algorithms import ALGORITHMS
+from fedmaml.meta.choices import BATCHING, META_OPTIMIZERS
 
 TASKS = ("sine", "omniglot", "femnist", "table", "local")
-META_OPTIMIZERS = ("adam", "sgd")
 AGGREGATIONS = ("uniform", "weighted")
 AGGREGATORS = ("mean", "median", "trimmed-mean", "krum")
 DEVICES = ("auto", "cpu", "cuda")
-BATCHING = ("auto", "vmap", "loop")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -225,8 +224,7 @@ class RunConfig:
     @property
     def feature_column_list(self) -> list[str] | None:
         """``feature-columns`` as a list (comma-separated names); None = all other numeric."""
-        names = [c.strip() for c in self.feature_columns.split(",") if c.strip()]
-        return names or None
+        return column_names(self.feature_columns) or None
 
     @property
     def input_dims(self) -> tuple[int, ...]:
@@ -247,6 +245,11 @@ class RunConfig:
         return {"sine": "sine_mlp", "omniglot": "conv4", "femnist": "femnist_cnn", "table": "mlp"}[
             self.task
         ]
+
+
+def column_names(text: str) -> list[str]:
+    """Comma-separated column names as a list (spaces around names dropped, empty names too)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

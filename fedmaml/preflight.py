@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
+from fedmaml.problem import Problem
 from fedmaml.run_start import start
 from fedmaml.rundir.state import check_run_dir
-from fedmaml.workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def preflight(cfg: RunConfig, *, gpus_per_client: float) -> Ready:
     device) and the launcher's own settings; raise one clear FedmamlError, or return what the
     run will start from."""
     check_run_dir(cfg)
-    work = Workload.from_config(cfg)  # opens the data: paths, formats, client counts, device
+    work = Problem.from_config(cfg)  # opens the data: paths, formats, client counts, device
     begin = start(cfg, work)
     if gpus_per_client > 0:
         import torch

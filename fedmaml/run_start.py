@@ -17,8 +17,8 @@ from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.meta.outer import MetaOptimizer
 from fedmaml.meta.params import Params
+from fedmaml.problem import Problem
 from fedmaml.rundir.names import CHECKPOINT
-from fedmaml.workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def resume_path(cfg: RunConfig) -> str:
     return str(path) if path.is_file() else ""
 
 
-def start(cfg: RunConfig, work: Workload) -> Start:
+def start(cfg: RunConfig, work: Problem) -> Start:
     """A fresh start (round 0), or the checkpoint of ``resume`` after checking that it was
     trained with this run's model, algorithm and meta-optimizer. A new ``meta-lr`` applies from
     the resumed round on (and is logged); a new meta-optimizer is refused."""

@@ -16,8 +16,8 @@ import torch
 from fedmaml.checkpoint import load_checkpoint
 from fedmaml.config import RunConfig
 from fedmaml.federated.deployment import LocalFederation
+from fedmaml.problem import Problem
 from fedmaml.rundir.names import CHECKPOINT, CLIENTS, ROUNDS
-from fedmaml.workload import Workload
 
 FEATURES, CLASSES = 8, 4
 
@@ -94,7 +94,7 @@ def finished_run(out_dir: Path, config: dict[str, Any]) -> tuple[pd.DataFrame, p
     cfg = RunConfig.from_mapping(config)
     ckpt = load_checkpoint(out_dir / CHECKPOINT)
     assert ckpt.round == cfg.num_rounds
-    initial = Workload.from_config(cfg).initial_params()
+    initial = Problem.from_config(cfg).initial_params()
     assert set(ckpt.params) == set(initial)
     assert any(not torch.equal(ckpt.params[k], initial[k]) for k in initial)
     rounds = pd.read_csv(out_dir / ROUNDS)

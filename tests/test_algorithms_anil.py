@@ -321,9 +321,9 @@ def test_an_anil_checkpoint_personalizes_and_evaluates_its_head():
     overridden = personalize(ckpt, user, support_size=10, adapt="all")
     assert not torch.equal(overridden.params["0.weight"], theta["0.weight"])
 
-    from fedmaml.workload import Workload
+    from fedmaml.problem import Problem
 
-    work = Workload.from_config(cfg)
+    work = Problem.from_config(cfg)
     client = work.source.client(1, "heldout")
     curve, _ = work.evaluation_curve(work.initial_params(), client, 1)
     task_curve = _first_eval_curve(work, client, adapted="head")
@@ -334,9 +334,9 @@ def test_an_anil_checkpoint_personalizes_and_evaluates_its_head():
 
 
 def _first_eval_curve(work, client, adapted: str) -> list[dict[str, float]]:
+    from fedmaml.problem import EVAL_STREAM
     from fedmaml.tasks import sample_episode
     from fedmaml.tasks.episodes import episode_generator
-    from fedmaml.workload import EVAL_STREAM
 
     task = sample_episode(
         client, work.spec, episode_generator(work.cfg.seed, 0, 1, stream=EVAL_STREAM),

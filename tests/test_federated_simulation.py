@@ -16,7 +16,7 @@ from fedmaml.checkpoint import load_checkpoint
 from fedmaml.config import RunConfig
 from fedmaml.federated.simulation import SimulationOptions, simulate
 from fedmaml.personalize import load_personalized
-from fedmaml.workload import Workload
+from fedmaml.problem import Problem
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -39,7 +39,7 @@ def small_config(tmp_path, name: str, **changes) -> RunConfig:
 
 def centralized(cfg: RunConfig, steps: int) -> dict[str, torch.Tensor]:
     """The same meta-updates computed in one process: every client in every step."""
-    work = Workload.from_config(cfg)
+    work = Problem.from_config(cfg)
     return work.train_centrally(steps, clients=list(range(cfg.num_train_clients))).params
 
 
@@ -114,7 +114,7 @@ def test_median_inside_central_dp_applies_to_meta_gradients(tmp_path):
     )
     out = simulate(cfg)
     applied = load_checkpoint(out / "checkpoint.pt").params
-    work = Workload.from_config(cfg)
+    work = Problem.from_config(cfg)
     theta = work.initial_params()
     clipped = []
     for i in range(cfg.num_train_clients):

@@ -27,9 +27,9 @@ from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.federated.flower_cli import node_config_text, supernode_command
 from fedmaml.federated.node import load_client, node_run_config
+from fedmaml.problem import Problem
 from fedmaml.tasks.episodes import EpisodeSpec
 from fedmaml.tasks.local import infer_format, load_local
-from fedmaml.workload import Workload
 
 LOCAL = {"task": "local", "input-shape": "6", "num-classes": 3, "label-column": "y"}
 
@@ -160,11 +160,11 @@ def test_bad_npz_files_name_the_problem(tmp_path):
 def test_run_config_of_task_local_fixes_the_model_without_data():
     cfg = RunConfig.from_mapping(LOCAL)
     assert cfg.model_name == "mlp" and cfg.input_dims == (6,) and cfg.data_path == ""
-    params = Workload.from_config(cfg).initial_params()
+    params = Problem.from_config(cfg).initial_params()
     assert params["0.weight"].shape == (64, 6) and params["4.weight"].shape == (3, 64)
     images = RunConfig.from_mapping({**LOCAL, "input-shape": "1,28,28", "ways": 2})
     assert images.model_name == "conv4"
-    assert Workload.from_config(images).model_kwargs == {
+    assert Problem.from_config(images).model_kwargs == {
         "ways": 2,
         "in_channels": 1,
         "image_size": 28,
@@ -180,7 +180,7 @@ def test_run_config_of_task_local_fixes_the_model_without_data():
         with pytest.raises(FedmamlError, match=match):
             RunConfig.from_mapping(bad)
     with pytest.raises(FedmamlError, match="does not take input-shape"):
-        Workload.from_config(RunConfig.from_mapping({**LOCAL, "input-shape": "3,8,6"}))
+        Problem.from_config(RunConfig.from_mapping({**LOCAL, "input-shape": "3,8,6"}))
 
 
 def test_a_deployed_node_loads_its_own_file_from_its_node_config(tmp_path):

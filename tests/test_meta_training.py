@@ -272,10 +272,10 @@ def test_evaluation_averages_eval_episodes_drawn_in_sequence():
     another from the client's evaluation generator, and counts all their queries; with 1
     episode it is that first curve alone."""
     from fedmaml.config import RunConfig
-    from fedmaml.workload import EVAL_STREAM, Workload
+    from fedmaml.problem import EVAL_STREAM, Problem
 
     cfg = RunConfig(eval_steps=3, eval_episodes=3, num_train_clients=4, num_heldout_clients=2)
-    work = Workload.from_config(cfg)
+    work = Problem.from_config(cfg)
     theta = work.initial_params()
     client = work.source.client(1, "heldout")
     curve, num_query = work.evaluation_curve(theta, client, 1, meta_round=7)
@@ -292,7 +292,7 @@ def test_evaluation_averages_eval_episodes_drawn_in_sequence():
     assert num_query == 3 * cfg.query_size and len(curve) == 4
     for k in range(4):
         assert curve[k]["loss"] == pytest.approx(np.mean([c[k]["loss"] for c in singles]))
-    first, _ = Workload.from_config(cfg.replace(eval_episodes=1)).evaluation_curve(
+    first, _ = Problem.from_config(cfg.replace(eval_episodes=1)).evaluation_curve(
         theta, client, 1, meta_round=7
     )
     assert [row["loss"] for row in first] == pytest.approx([row["loss"] for row in singles[0]])

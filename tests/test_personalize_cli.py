@@ -222,3 +222,32 @@ def test_installed_command(files, tmp_path):
     )  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "not a personalized model" in bad.stderr and not (tmp_path / "p.csv").exists()
+
+
+def test_head_only_personalization_from_the_command_line(files, tmp_path, capsys):
+    """--adapt head: the body of the personalized model is bit-identical to the checkpoint's,
+    the head moved, and the record says which parameters adapted."""
+    from fedmaml.checkpoint import load_checkpoint
+
+    ckpt_path, user, out = files["sine"], files["one"], tmp_path / "head.pt"
+    args = ["--data", str(user), "--adapt", "head", "--out", str(out)]
+    assert main(["personalize", "--checkpoint", str(ckpt_path), *args]) == 0
+    assert "head adapted" in capsys.readouterr().out
+    theta, model = load_checkpoint(ckpt_path).params, load_personalized(out)
+    assert model.adapted == "head"
+    head = {"4.weight", "4.bias"}
+    for name, value in model.params.items():
+        assert torch.equal(value, theta[name]) == (name not in head), name
+
+
+def test_a_checkpoint_with_a_damaged_run_config_is_one_clear_line(files, tmp_path, capsys):
+    from fedmaml.checkpoint import load_checkpoint
+
+    ckpt_path, user = files["sine"], files["one"]
+    ckpt = load_checkpoint(ckpt_path)
+    ckpt.config = {**ckpt.config, "inner-lr": "abc"}
+    save_checkpoint(tmp_path / "bad.pt", ckpt)
+    code = main(["personalize", "--checkpoint", str(tmp_path / "bad.pt"), "--data", str(user)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "run configuration is damaged" in err and "inner-lr" in err

@@ -16,10 +16,10 @@ from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.meta.outer import MetaOptimizer
 from fedmaml.preflight import preflight
+from fedmaml.problem import Problem
 from fedmaml.run_start import start
 from fedmaml.rundir.lock import locked
 from fedmaml.rundir.state import check_run_dir, prepare_run_dir
-from fedmaml.workload import Workload
 
 TRY_LOCK = """
 import sys
@@ -59,7 +59,7 @@ def test_stale_temporary_files_of_killed_saves_are_removed(tmp_path):
 def sine_checkpoint(tmp_path, **config) -> RunConfig:
     """A finished 3-round run of the default configuration, and its config (resume auto)."""
     cfg = RunConfig(out_dir=str(tmp_path), num_rounds=3, **config)
-    work = Workload.from_config(cfg)
+    work = Problem.from_config(cfg)
     opt = MetaOptimizer(work.initial_params(), cfg.meta_optimizer, cfg.meta_lr)
     opt.step({k: torch.ones_like(v) for k, v in opt.params.items()})
     save_checkpoint(
@@ -89,14 +89,14 @@ def test_resuming_with_another_meta_optimizer_is_refused(tmp_path):
     cfg = sine_checkpoint(tmp_path)
     resumed = cfg.replace(resume="auto", num_rounds=5, meta_optimizer="sgd")
     with pytest.raises(FedmamlError, match=r"meta-optimizer 'adam'.*'sgd'"):
-        start(resumed, Workload.from_config(resumed))
+        start(resumed, Problem.from_config(resumed))
 
 
 def test_resuming_with_a_new_meta_lr_applies_it_and_says_so(tmp_path, caplog):
     cfg = sine_checkpoint(tmp_path)
     resumed = cfg.replace(resume="auto", num_rounds=5, meta_lr=0.5)
     with caplog.at_level(logging.WARNING, logger="fedmaml"):
-        begin = start(resumed, Workload.from_config(resumed))
+        begin = start(resumed, Problem.from_config(resumed))
     assert begin.round == 3
     assert begin.optimizer.optimizer.param_groups[0]["lr"] == 0.5
     assert "meta-lr changed on resume: 0.003 in the checkpoint, 0.5 from now on" in caplog.text

@@ -126,13 +126,14 @@ def check_data(args: argparse.Namespace) -> str:
     one line describing it."""
     import torch
 
+    from fedmaml.config import column_names
     from fedmaml.device import resolve_device
     from fedmaml.tasks.local import load_local
 
     if args.client_index < 0:
         raise FedmamlError("--client-index must be >= 0")
     resolve_device(args.device)
-    features = [c.strip() for c in (args.feature_columns or "").split(",") if c.strip()]
+    features = column_names(args.feature_columns or "")
     data = load_local(
         args.data,
         fmt=args.format,

@@ -12,9 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedmaml.config import column_names
 from fedmaml.errors import FedmamlError
-
-BATCHING = ("auto", "vmap", "loop")
+from fedmaml.meta.choices import ADAPTED, BATCHING
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,12 +36,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--feature-columns",
-        type=_names,
+        type=column_names,
         help="comma-separated feature columns (default: the checkpoint's; x for sinusoids; "
         "else every other numeric column)",
     )
     p.add_argument("--user-column", help="column naming the user of each row (many users)")
     p.add_argument("--steps", type=int, help="adaptation steps K (default: checkpoint eval-steps)")
+    p.add_argument(
+        "--adapt",
+        choices=ADAPTED,
+        help="the parameters that adapt: all, or the head (the last layer; the body stays as "
+        "trained) (default: what the checkpoint's algorithm adapts: the head for anil, else all)",
+    )
     p.add_argument(
         "--lr",
         type=float,
@@ -60,10 +66,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--progress", action="store_true", help="show a progress bar (default: on a terminal)"
     )
     p.set_defaults(func=run)
-
-
-def _names(text: str) -> list[str]:
-    return [c.strip() for c in text.split(",") if c.strip()]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         feature_columns=args.feature_columns,
         steps=args.steps,
         lr=args.lr,
+        adapt=args.adapt,
         support_size=args.support_size,
         support_fraction=args.support_fraction,
         seed=args.seed,
@@ -96,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = personalize(args.checkpoint, args.data, **options)
     lr = "learned step sizes" if result.lr is None else f"lr {result.lr:g}"
+    lr += "" if result.adapted == "all" else f", {result.adapted} adapted"
     print(
         f"{result.user}: {result.metric} {result.metric_before:.4g} before, "
         f"{result.metric_after:.4g} after {result.steps} steps ({lr}; gain {result.gain:.4g}); "

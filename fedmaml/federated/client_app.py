@@ -29,21 +29,21 @@ from fedmaml.federated.records import from_record, run_config, to_record
 if TYPE_CHECKING:
     from fedmaml.config import RunConfig
     from fedmaml.federated.node import NodeIdentity
+    from fedmaml.problem import Problem
     from fedmaml.tasks.episodes import ClientData
-    from fedmaml.workload import Workload
 
 app = ClientApp(mods=[one_line_errors])
 through_flower()
 
 
-def _node(context: Context) -> tuple[RunConfig, NodeIdentity, ClientData, Workload]:
+def _node(context: Context) -> tuple[RunConfig, NodeIdentity, ClientData, Problem]:
     """The run config as this node applies it, who the node is, its data and its workload."""
     from fedmaml.federated.node import load_client, node_run_config
-    from fedmaml.workload import workload_for
+    from fedmaml.problem import problem_for
 
     cfg = node_run_config(context.node_config, run_config(context))
     identity, client = load_client(context.node_config, cfg)
-    return cfg, identity, client, workload_for(cfg)
+    return cfg, identity, client, problem_for(cfg)
 
 
 @app.query("describe")

@@ -35,12 +35,12 @@ from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.meta.evaluate import mean_curve
 from fedmaml.meta.outer import MetaOptimizer
 from fedmaml.meta.params import Params
+from fedmaml.problem import Problem
 from fedmaml.run_start import start
 from fedmaml.rundir.lock import locked
 from fedmaml.rundir.names import CHECKPOINT, CLIENTS
 from fedmaml.rundir.recorder import RunRecorder
 from fedmaml.rundir.state import check_run_dir, prepare_run_dir
-from fedmaml.workload import Workload
 
 app = ServerApp()
 through_flower()
@@ -90,7 +90,7 @@ def run(grid: Grid, cfg: RunConfig) -> None:
     with locked(out_dir):
         prepare_run_dir(cfg)
         log(INFO, "fedmaml: loading the data and building the model (task %s)", cfg.task)
-        work = Workload.from_config(cfg)
+        work = Problem.from_config(cfg)
         recorder = RunRecorder(out_dir, cfg.to_mapping())
         try:
             _run(grid, cfg, work, recorder)
@@ -99,7 +99,7 @@ def run(grid: Grid, cfg: RunConfig) -> None:
             raise
 
 
-def _run(grid: Grid, cfg: RunConfig, work: Workload, recorder: RunRecorder) -> None:
+def _run(grid: Grid, cfg: RunConfig, work: Problem, recorder: RunRecorder) -> None:
     out_dir = Path(cfg.out_dir)
     begin = start(cfg, work)
     params, optimizer, offset = begin.params, begin.optimizer, begin.round
@@ -150,7 +150,7 @@ def _run(grid: Grid, cfg: RunConfig, work: Workload, recorder: RunRecorder) -> N
 def _train(
     grid: Grid,
     cfg: RunConfig,
-    work: Workload,
+    work: Problem,
     recorder: RunRecorder,
     params: Params,
     optimizer: MetaOptimizer,

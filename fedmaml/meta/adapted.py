@@ -15,9 +15,9 @@ from collections.abc import Collection
 from torch import nn
 
 from fedmaml.errors import FedmamlError
+from fedmaml.meta.choices import ADAPTED
 
 Adapted = str | Collection[str]
-ADAPTED = ("all", "head")
 
 
 def head_names(model: nn.Module) -> tuple[str, ...]:

@@ -30,6 +30,7 @@ from fedmaml.meta.batch import (
     StackedEpisodes,
     detached,
 )
+from fedmaml.meta.choices import BATCHING
 from fedmaml.meta.engines import shapes, uses_vmap
 from fedmaml.meta.inner import LossFn
 from fedmaml.meta.params import InnerLR, Params, split_inner_lrs
@@ -96,7 +97,7 @@ def adaptation_curves(
     episodes are done. Raises :class:`AdaptationDiverged` naming the first diverged episode of
     the first chunk that holds one.
     """
-    validate.check_choice("batching", batching, validate.BATCHING)
+    validate.check_choice("batching", batching, BATCHING)
     validate.check_chunk_size(chunk_size)
     settings, theta, supports_, queries_ = _prepare(
         model, params, list(supports), list(queries), loss_fn, steps, inner_lr, adapted

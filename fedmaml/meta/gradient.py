@@ -29,6 +29,7 @@ from fedmaml.meta.adapted import Adapted, adapted_names
 from fedmaml.meta.algorithms import resolve
 from fedmaml.meta.algorithms.base import Algorithm
 from fedmaml.meta.batch import Pair, Settings
+from fedmaml.meta.choices import BATCHING
 from fedmaml.meta.engines import choose_engine
 from fedmaml.meta.inner import LossFn, autograd_grad_fn, inner_loop
 from fedmaml.meta.params import InnerLR, Params, split_inner_lrs
@@ -108,7 +109,7 @@ def meta_gradient(
     modified in place.
     """
     algo = resolve(algorithm)
-    validate.check_choice("batching", batching, validate.BATCHING)
+    validate.check_choice("batching", batching, BATCHING)
     validate.check_steps(inner_steps)
     theta, alpha = split_inner_lrs(params)
     validate.check_params(model, theta)

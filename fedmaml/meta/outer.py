@@ -19,17 +19,16 @@ import torch
 from torch import Tensor
 
 from fedmaml.errors import FedmamlError, NonFiniteError
+from fedmaml.meta.choices import META_OPTIMIZERS
 from fedmaml.meta.params import Params
 from fedmaml.meta.validate import check_choice, check_finite
-
-OPTIMIZERS = ("adam", "sgd")
 
 
 class MetaOptimizer:
     """Owns θ (∪ α) as leaf tensors and applies one optimizer step per averaged meta-gradient."""
 
     def __init__(self, params: Mapping[str, Tensor], kind: str = "adam", lr: float = 1e-3) -> None:
-        check_choice("meta-optimizer", kind, OPTIMIZERS)
+        check_choice("meta-optimizer", kind, META_OPTIMIZERS)
         if not lr > 0:
             raise FedmamlError(f"meta learning rate must be > 0 (got {lr})")
         self.kind = kind

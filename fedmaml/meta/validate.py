@@ -11,8 +11,6 @@ from torch import Tensor, nn
 from fedmaml.errors import FedmamlError, NonFiniteError
 from fedmaml.meta.params import InnerLR
 
-BATCHING = ("auto", "vmap", "loop")
-
 Pair = tuple[Tensor, Tensor]
 
 

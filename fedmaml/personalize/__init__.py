@@ -24,16 +24,17 @@ column, a folder of one table per user, or in-memory clients), batching users of
 shapes with ``torch.func.vmap``; :func:`personalize_client` is the on-device entry point that
 returns metrics only.
 
-Modules: ``global_model`` (the checkpoint to personalize), ``user_data`` (checks and the
-support/evaluation split), ``adapt`` (users' adaptation curves, computed by ``fedmaml.meta``),
-``model`` (the :class:`Personalized` result, saving and loading it), ``tables`` (users read from
-tables), ``one_user``, ``many_users`` and ``on_device`` (the entry points), ``plot``.
+Modules: ``global_model`` (the checkpoint to personalize and the defaults of its run
+configuration), ``user_data`` (checks and the support/evaluation split), ``curves`` (users'
+adaptation curves, computed by ``fedmaml.meta``), ``personalized`` (the :class:`Personalized`
+result, saving and loading it), ``user_tables`` (users read from tables), ``one_user``,
+``many_users`` and ``on_device`` (the entry points), ``plot``.
 """
 
 from fedmaml.personalize.many_users import personalize_many
-from fedmaml.personalize.model import Personalized, load_personalized
 from fedmaml.personalize.on_device import personalize_client
 from fedmaml.personalize.one_user import personalize
+from fedmaml.personalize.personalized import Personalized, load_personalized
 from fedmaml.personalize.plot import plot_gain
 
 __all__ = [

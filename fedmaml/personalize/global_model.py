@@ -1,5 +1,6 @@
 """The global model to personalize: a checkpoint (or model and θ) opened and checked, with the
-defaults it gives for the number of steps K and the step size α."""
+defaults its run configuration gives for the number of steps K, the step size α and the
+parameters that adapt."""
 
 from __future__ import annotations
 
@@ -12,16 +13,15 @@ from typing import Any
 from torch import Tensor, nn
 
 from fedmaml.checkpoint import Checkpoint, load_checkpoint
+from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.meta import validate
 from fedmaml.meta.adapted import Adapted
-from fedmaml.meta.algorithms import ALGORITHMS, resolve
+from fedmaml.meta.algorithms import resolve
 from fedmaml.meta.params import INNER_LR_PREFIX, InnerLR, Params, split_inner_lrs
-from fedmaml.personalize.model import SECTION
+from fedmaml.personalize.personalized import SECTION
 
 Source = str | os.PathLike | Checkpoint | tuple[nn.Module, Mapping[str, Tensor]]
-DEFAULT_STEPS = 5
-DEFAULT_LR = 0.01
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,33 @@ class GlobalModel:
         first = next((m for m in self.model.modules() if list(m.parameters(recurse=False))), None)
         return first.in_features if isinstance(first, nn.Linear) else None
 
+    @cached_property
+    def run(self) -> RunConfig | None:
+        """The run configuration the checkpoint was trained with (None for a model given in
+        memory, or a checkpoint saved without one), checked like every run config."""
+        if not self.config:
+            return None
+        try:
+            return RunConfig.from_mapping(self.config)
+        except FedmamlError as exc:
+            raise FedmamlError(
+                f"the checkpoint's run configuration is damaged ({exc}); use another "
+                "checkpoint or re-run training"
+            ) from None
+
     def defaults(self, steps: int | None, lr: float | None) -> tuple[int, InnerLR, float | None]:
-        """(K, α as used, the scalar lr or None when learned step sizes are used)."""
-        k = steps if steps is not None else int(self.config.get("eval-steps", DEFAULT_STEPS))
+        """(K, α as used, the scalar lr or None when learned step sizes are used); K and α
+        default to the run's ``eval-steps`` and ``inner-lr`` (RunConfig's defaults without a
+        run)."""
+        run = self.run or RunConfig()
+        k = steps if steps is not None else run.eval_steps
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise FedmamlError(
                 f"the number of adaptation steps must be an integer >= 1 (got {k!r})"
             )
         if lr is None and self.alpha:
             return k, self.alpha, None
-        rate = float(self.config.get("inner-lr", DEFAULT_LR)) if lr is None else lr
+        rate = run.inner_lr if lr is None else lr
         validate.check_inner_lr(rate)
         return k, float(rate), float(rate)
 
@@ -66,8 +83,7 @@ class GlobalModel:
         adapts (the head for ``anil``), else all."""
         if adapt is not None:
             return adapt
-        algorithm = self.config.get("algorithm")
-        return resolve(algorithm).adapted if algorithm in ALGORITHMS else "all"
+        return resolve(self.run.algorithm).adapted if self.run else "all"
 
 
 def resolve_global(source: Source | GlobalModel) -> GlobalModel:

@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any
 from fedmaml.errors import FedmamlError
 from fedmaml.meta import validate
 from fedmaml.meta.adapted import Adapted
+from fedmaml.meta.choices import BATCHING
 from fedmaml.meta.evaluate import mean_curve
-from fedmaml.personalize.adapt import adapt_users
+from fedmaml.personalize.curves import adapt_users
 from fedmaml.personalize.global_model import GlobalModel, Source, resolve_global
 from fedmaml.personalize.plot import plot_gain
-from fedmaml.personalize.tables import load_table_users
 from fedmaml.personalize.user_data import UserData, prepare_user
+from fedmaml.personalize.user_tables import load_table_users
 from fedmaml.tasks.episodes import ClientData
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def personalize_many(
     """
     import pandas as pd
 
-    validate.check_choice("batching", batching, validate.BATCHING)
+    validate.check_choice("batching", batching, BATCHING)
     validate.check_chunk_size(chunk_size)
     g = resolve_global(checkpoint_or_model)
     k, rate, scalar = g.defaults(steps, lr)

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 from fedmaml.errors import FedmamlError
 from fedmaml.meta.adapted import Adapted
-from fedmaml.personalize.adapt import adapt_user
+from fedmaml.personalize.curves import adapt_user
 from fedmaml.personalize.global_model import GlobalModel, Source, resolve_global
-from fedmaml.personalize.model import Personalized
-from fedmaml.personalize.tables import load_table_users
+from fedmaml.personalize.personalized import Personalized
 from fedmaml.personalize.user_data import UserData, prepare_user
+from fedmaml.personalize.user_tables import load_table_users
 from fedmaml.tasks.episodes import ClientData
 
 if TYPE_CHECKING:
@@ -40,11 +40,11 @@ def personalize(
     ``user_data``: a :class:`ClientData`, an ``(x, y)`` pair, or a table (DataFrame, CSV or
     Parquet path; then ``label_column`` is required and ``feature_columns`` defaults to every
     other numeric column). ``user`` names the user (default: the client id, the file name, or
-    "user"). ``steps`` defaults to the checkpoint's ``eval-steps`` (else 5), ``lr``
-    to its learned step sizes or its ``inner-lr`` (else 0.01). ``adapt``: the parameters to
-    adapt, ``"all"``, ``"head"`` (the last layer; the rest stays bit-identical) or a collection
-    of parameter names; default: those the checkpoint's algorithm adapts (the head for
-    ``anil``), else all.
+    "user"). ``steps`` defaults to the checkpoint's ``eval-steps``, ``lr`` to its learned step
+    sizes or its ``inner-lr`` (RunConfig's defaults, 5 and 0.01, without a run config).
+    ``adapt``: the parameters to adapt, ``"all"``, ``"head"`` (the last layer; the rest stays
+    bit-identical) or a collection of parameter names; default: those the checkpoint's
+    algorithm adapts (the head for ``anil``), else all.
     """
     g = resolve_global(checkpoint_or_model)
     k, rate, scalar = g.defaults(steps, lr)
@@ -71,7 +71,8 @@ def personalize(
         g, user_data, user=user, support_size=support_size, support_fraction=support_fraction,
         seed=seed,
     )  # fmt: skip
-    result, fast = adapt_user(g, split, k, rate, g.adapted(adapt))
+    adapted = g.adapted(adapt)
+    result, fast = adapt_user(g, split, k, rate, adapted)
     return Personalized(
         model=g.model,
         params=fast,
@@ -84,6 +85,7 @@ def personalize(
         n_eval=int(split.evaluation[0].shape[0]),
         steps=k,
         lr=scalar,
+        adapted=adapted if isinstance(adapted, str) else sorted(adapted),
         user=user,
         columns=columns,
         source_config=g.config,

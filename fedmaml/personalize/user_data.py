@@ -159,12 +159,12 @@ def _class_labels(y: Tensor, classes: int, user: str, model: str) -> Tensor:
                 "whole numbers; give class ids 0..C-1"
             )
         y = y.long()
-    bad = torch.unique(y[(y < 0) | (y >= classes)])
+    bad = ((y < 0) | (y >= classes)).nonzero().flatten()
     if bad.numel():
         raise FedmamlError(
-            f"user {user!r}: labels {bad[:5].tolist()} are not among the {classes} classes "
-            f"(0..{classes - 1}) {model} was trained on; drop those rows or retrain the model "
-            "with more classes"
+            f"user {user!r}: {bad.numel()} label(s) are not among the {classes} classes "
+            f"(0..{classes - 1}) {model} was trained on (first at row {int(bad[0])}); drop "
+            "those rows or retrain the model with more classes"
         )
     return y.long()
 

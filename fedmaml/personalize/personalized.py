@@ -55,6 +55,8 @@ class Personalized:
     n_eval: int
     steps: int
     lr: float | None
+    #: the parameters that adapted: "all", "head" or their names (the rest kept θ's values)
+    adapted: str | list[str] = "all"
     user: str = "user"
     columns: dict[str, Any] = field(default_factory=dict)
     source_config: dict[str, Any] = field(default_factory=dict)
@@ -158,6 +160,7 @@ class Personalized:
             "n_eval": self.n_eval,
             "steps": self.steps,
             "lr": self.lr,
+            "adapted": self.adapted,
             "columns": self.columns,
         }
         ckpt = Checkpoint(
@@ -208,6 +211,7 @@ def _from_section(
         n_eval=int(section["n_eval"]),
         steps=int(section["steps"]),
         lr=section["lr"],
+        adapted=section.get("adapted", "all"),
         user=str(section["user"]),
         columns=dict(section["columns"]),
         source_config=config,

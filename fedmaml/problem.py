@@ -1,8 +1,10 @@
-"""A run's workload: data source, model, loss and episode shape, built once from a RunConfig.
+"""The meta-learning problem a run configuration names, and what every process computes on it.
 
-Every caller that turns a configuration into computation goes through here: the Flower client
-(meta-gradient of its own episodes, evaluation curves), the Flower server (initial θ, central
-evaluation) and the centralized reference trainer.
+:class:`Problem` is built once from a :class:`~fedmaml.config.RunConfig`: the data source (its
+clients), the model and its initial θ, the loss, the episode shape and the device. Every caller
+that turns a configuration into computation goes through it: the Flower client (the
+meta-gradient of its own episodes, evaluation curves), the Flower server (initial θ, central
+evaluation), the run's pre-flight checks and the centralized reference trainer.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ EVAL_STREAM = 1
 
 
 @dataclass
-class Workload:
+class Problem:
+    """Data source, model, loss, episode shape and device of one run configuration."""
+
     cfg: RunConfig
     source: TaskSource
     model: nn.Module
@@ -44,7 +48,7 @@ class Workload:
     device: torch.device
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> Workload:
+    def from_config(cls, cfg: RunConfig) -> Problem:
         source = open_source(cfg)
         device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
@@ -142,6 +146,6 @@ class Workload:
 
 
 @lru_cache(maxsize=4)
-def workload_for(cfg: RunConfig) -> Workload:
+def problem_for(cfg: RunConfig) -> Problem:
     """The workload of ``cfg``, built once per process (a simulation actor serves many rounds)."""
-    return Workload.from_config(cfg)
+    return Problem.from_config(cfg)

@@ -16,7 +16,7 @@ from fedmaml.meta.adapted import Adapted
 from fedmaml.meta.evaluate import AdaptationDiverged, adaptation_curve, adaptation_curves
 from fedmaml.meta.params import InnerLR, Params
 from fedmaml.personalize.global_model import GlobalModel
-from fedmaml.personalize.model import summarize
+from fedmaml.personalize.personalized import summarize
 from fedmaml.personalize.user_data import UserSplit
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.personalize.global_model import GlobalModel
 from fedmaml.personalize.user_data import Pair
@@ -63,7 +64,7 @@ def load_table_users(
         df = data if isinstance(data, pd.DataFrame) else read_table(data)
         df = df.reset_index(drop=True)
         frames = {name: df}
-    exclude = [c for c in (user_column, g.config.get("user-column")) if c]
+    exclude = [c for c in (user_column, g.run.user_column if g.run else "") if c]
     first_name, first = next(iter(frames.items()))
     features = resolve_features(first, label_column, feature_columns, exclude, first_name)
     users: dict[str, Pair] = {}
@@ -74,7 +75,7 @@ def load_table_users(
                 rows = torch.tensor(part.index.to_numpy())
                 users[user] = (x[rows], y[rows])
         else:
-            _refuse_mixed_users(df, str(g.config.get("user-column") or "user"), name)
+            _refuse_mixed_users(df, (g.run or RunConfig()).user_column or "user", name)
             users[name] = (x, y)
     return TableUsers(users, {"label_column": label_column, "feature_columns": features})
 
@@ -94,14 +95,11 @@ def _table_columns(
 ) -> tuple[str, Sequence[str] | None]:
     """The label and feature columns: those given, else the checkpoint's (``label-column`` and
     ``feature-columns`` of a table run; ``y`` and ``x`` for the sinusoid task)."""
-    task = g.config.get("task")
-    if task == "sine":
+    run = g.run
+    if run is not None and run.task == "sine":
         return label or "y", features or ["x"]
-    if task == "table":
-        names = [c.strip() for c in str(g.config.get("feature-columns", "")).split(",")]
-        return label or str(g.config.get("label-column", "label")), features or (
-            [c for c in names if c] or None
-        )
+    if run is not None and run.task == "table":
+        return label or run.label_column, features or run.feature_column_list
     if not label:
         raise FedmamlError("name the label column of the table (label_column / --label-column)")
     return label, features
