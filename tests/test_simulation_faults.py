@@ -1,16 +1,20 @@
 """Real Flower simulations that must not run silently wrong or forever: a federation smaller
 than the run config (``flwr run`` with Flower's 2-node default), a run in which no round can
-update θ."""
+update θ, a machine on which a Ray head died and left its address behind."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
+from fedmaml.federated.processes import free_port
 from fedmaml.federated.simulation import SimulationOptions, simulate
 
 pytestmark = pytest.mark.timeout(600)
@@ -64,3 +68,20 @@ def test_a_run_in_which_no_round_updated_theta_fails(tmp_path):
     assert len(train) == 4 and (train["status"] == "failed").all()
     assert train["reason"].str.contains("NaN or Inf").all()
     assert not train["reason"].str.contains("\\x1b|Traceback|\\n", regex=True).any()
+
+
+@pytest.mark.timeout(300)
+def test_a_dead_ray_head_left_behind_does_not_hang_the_simulation(tmp_path, monkeypatch):
+    """`ray start --head` writes its address to <tmp>/ray/ray_current_cluster and a head that
+    died leaves it there; ray.init() without an address would try to join it forever. A
+    simulation starts its own Ray instance instead."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fm", dir="/tmp"))  # Ray's socket paths must be short
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+        monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+        cfg = config(tmp_path, num_train_clients=2, num_heldout_clients=0, num_rounds=1)
+        out = simulate(cfg)
+        assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -109,6 +109,10 @@ def simulate(
         run_config.write_bytes(tomli_w.dumps(mapping).encode())
         port = free_port()
         env = flower_env(home, token)
+        # Flower's ray.init() joins the cluster that RAY_ADDRESS or Ray's bootstrap file
+        # (<RAY_TMPDIR or /tmp>/ray/ray_current_cluster, left by any `ray start`, also by a
+        # head that died) names; a simulation starts its own Ray instance instead.
+        env["RAY_ADDRESS"] = "local"
         write_connection(Path(home), f"127.0.0.1:{port}")
         superlink = runner = None
         try:
