@@ -7,13 +7,13 @@ has the standard deviation σC/n. And the settings that need individual updates 
 from __future__ import annotations
 
 import shutil
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import tomli_w
+import tomllib
 import torch
 
 from fedmaml.checkpoint import load_checkpoint
@@ -142,7 +142,10 @@ def test_a_client_failing_after_key_sharing_does_not_stop_the_round(tmp_path):
         if user == 2:
             x[:, 0] = 1e30
         y = x @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.normal(size=30)
-        rows += [{"user": user, "a": a, "b": b, "c": c, "label": t} for (a, b, c), t in zip(x, y)]
+        rows += [
+            {"user": user, "a": a, "b": b, "c": c, "label": t}
+            for (a, b, c), t in zip(x, y, strict=True)
+        ]
     data = tmp_path / "users.csv"
     pd.DataFrame(rows).to_csv(data, index=False)
     cfg = secure_config(
