@@ -55,7 +55,12 @@ POLL_INTERVAL = 0.2
 
 
 class SecureRoundFailed(FedmamlError):
-    """The round's sum could not be unmasked or failed its checks: no update this round."""
+    """The round's sum could not be unmasked or failed its checks: no update this round.
+    ``outcome`` holds what is known of each node's part (failures, silences)."""
+
+    def __init__(self, reason: str, outcome: dict[int, tuple[str, str]] | None = None) -> None:
+        super().__init__(reason)
+        self.outcome = outcome if outcome is not None else {}
 
 
 @dataclass
@@ -83,9 +88,21 @@ class SecureAggregation:
     def run(self, grid: Grid, messages: list[Message], meta_round: int) -> SecureSum:
         """The protocol over the nodes ``messages`` go to (each carries θ and the round's
         config); :class:`SecureRoundFailed` when no sum can be had."""
+        outcome: dict[int, tuple[str, str]] = {}
+        try:
+            return self._run(grid, messages, meta_round, outcome)
+        except SecureRoundFailed as exc:
+            raise SecureRoundFailed(str(exc), outcome) from None
+
+    def _run(
+        self,
+        grid: Grid,
+        messages: list[Message],
+        meta_round: int,
+        outcome: dict[int, tuple[str, str]],
+    ) -> SecureSum:
         train = {m.metadata.dst_node_id: m for m in messages}
         nodes = list(train)
-        outcome: dict[int, tuple[str, str]] = {}
         k = min(self.cfg.secagg_share_count, len(nodes))
         t = self.cfg.secagg_threshold or k // 2 + 1
         if len(nodes) < 2 or t > k:

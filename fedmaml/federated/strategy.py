@@ -120,7 +120,7 @@ class MetaStrategy(Strategy):
         self.secure = (
             SecureAggregation(cfg, self.spec.shapes, timeout) if cfg.secure_aggregation else None
         )
-        self._secure_sum: SecureSum | str | None = None
+        self._secure_sum: SecureSum | SecureRoundFailed | None = None
         self._sample = (0, 0)
         self._zero = to_record({k: torch.zeros_like(v) for k, v in optimizer.params.items()})
         self._eval_nodes: dict[str, list[int]] = {}
@@ -183,12 +183,12 @@ class MetaStrategy(Strategy):
 
     def _secure_round(
         self, grid: Grid, messages: list[Message], meta_round: int
-    ) -> SecureSum | str:
+    ) -> SecureSum | SecureRoundFailed:
         """The SecAgg+ protocol with the sampled nodes: their sum, or why there is none."""
         try:
             return self.secure.run(grid, messages, meta_round)  # type: ignore[union-attr]
         except SecureRoundFailed as exc:
-            return str(exc)
+            return exc
 
     def _starve(self, meta_round: int, available: int) -> None:
         """Not enough training nodes for a round: skip it, or stop the run when that goes on."""
@@ -276,9 +276,11 @@ class MetaStrategy(Strategy):
         """The round's SecAgg+ outcome: every sampled node's row, then θ's update from the
         unmasked sum (uniform weights: Δ̄ = ΣΔ_i / n)."""
         result, self._secure_sum = self._secure_sum, None
-        outcome = result.outcome if isinstance(result, SecureSum) else {}
+        outcome = dict(result.outcome) if result is not None else {}
         for node in self.log.asked.get("train", []):
-            status, reason = outcome.get(node, ("failed", str(result)))
+            if not isinstance(result, SecureSum) and outcome.get(node, ("ok",))[0] == "ok":
+                outcome[node] = ("failed", f"round abandoned: {result}")
+            status, reason = outcome.get(node, ("failed", "not in the round's protocol"))
             if status != "ok":
                 log(WARNING, "fedmaml round %d: node %d left out: %s", meta_round, node, reason)
             self.log.row(meta_round, "train", node, status, reason=reason, masked=True)
@@ -290,12 +292,10 @@ class MetaStrategy(Strategy):
         }
         if not isinstance(result, SecureSum) or result.count < self.cfg.min_train_nodes:
             why = (
-                result
-                if isinstance(result, str)
-                else (
-                    f"{result.count} clients in the sum, fewer than min-train-nodes="
-                    f"{self.cfg.min_train_nodes}"
-                )
+                f"{result.count} clients in the sum, fewer than min-train-nodes="
+                f"{self.cfg.min_train_nodes}"
+                if isinstance(result, SecureSum)
+                else str(result or "no training node was sampled")
             )
             log(WARNING, "fedmaml round %d: secure aggregation: %s: skipped", meta_round, why)
             self.log.finish_round(meta_round, values | {"updated": False})
