@@ -68,6 +68,24 @@ def personalized(run_dir: Path, trained_steps: int) -> dict[str, float | str]:
     return out
 
 
+def earlier_rows(path: Path, skip: list[str]) -> list[dict]:
+    """The rows of an earlier results table for the algorithms not run this time, so that a run
+    of some algorithms adds to the table instead of replacing it."""
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
+    if len(lines) < 2:
+        return []
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = []
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        row = dict(zip(header, (parse_value(c) for c in cells), strict=True))
+        if row["algorithm"] not in skip:
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config", help="a simulations/*.toml name, e.g. sine")
@@ -83,7 +101,9 @@ def main() -> None:
     rows = []
     for algorithm in args.algorithms:
         out = ROOT / "runs" / "simulations" / args.config / algorithm
-        cfg = RunConfig.from_mapping({**values, "algorithm": algorithm, "out-dir": str(out)})
+        cfg = RunConfig.from_mapping(
+            {**values, "algorithm": algorithm, "out-dir": str(out), "overwrite": True}
+        )
         started = time.monotonic()
         if not args.table_only:
             simulate(cfg)
@@ -102,14 +122,16 @@ def main() -> None:
             }
         )
         print(rows[-1], flush=True)
-    table = pd.DataFrame(rows)
+    results = HERE / "results"
+    earlier = earlier_rows(results / f"{args.config}.md", skip=args.algorithms)
+    table = pd.DataFrame([*earlier, *rows])
     command = " ".join(
         [
             ".venv/bin/python simulations/run.py",
             args.config,
             *(f"--set {o}" for o in args.overrides),
             "--algorithms",
-            *args.algorithms,
+            *table["algorithm"],
         ]
     )
     md = (
@@ -122,7 +144,6 @@ def main() -> None:
         f"{markdown_table(table)}\n\nReproduce (2 shared CPU cores, torch 2.13 CPU): "
         f"`{command}`\n"
     )
-    results = HERE / "results"
     results.mkdir(exist_ok=True)
     (results / f"{args.config}.md").write_text(md)
     print(md)

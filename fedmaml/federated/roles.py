@@ -1,9 +1,11 @@
 """Which connected node is a training client, a held-out client, or broken (and why).
 
 Nodes are asked once who they are (``query.describe``); nodes that join later are asked when
-they appear. The answers are checked against the run config: a simulated federation that is too
-small for ``num-train-clients + num-heldout-clients`` is an error when it has no held-out client
-the run needs, a warning when it has fewer training clients.
+they appear. A question is pushed once and its answer pulled whenever it comes (a slow node, a
+deployed device starting a process per message on a busy machine, is asked once and waited for,
+never written off for being slow). The answers are checked against the run config: a simulated
+federation that is too small for ``num-train-clients + num-heldout-clients`` is an error when
+it has no held-out client the run needs, a warning when it has fewer training clients.
 """
 
 from __future__ import annotations
@@ -30,30 +32,49 @@ class NodeRoles:
         self.cfg = cfg
         self.info: dict[int, NodeInfo] = {}
         self.broken: dict[int, str] = {}
+        #: questions asked and not answered yet: message id -> node
+        self.pending: dict[str, int] = {}
         self.recorder = recorder
         self.timeout = timeout
         self._checked = False
 
-    def refresh(self, grid: Grid, meta_round: int) -> None:
-        """Ask nodes not seen before who they are (one query round trip, only when needed)."""
-        unknown = [n for n in grid.get_node_ids() if n not in self.info and n not in self.broken]
-        if not unknown:
-            return
-        log(INFO, "fedmaml: asking %d new node(s) who they are", len(unknown))
-        messages = [
-            Message(RecordDict(), dst_node_id=n, message_type=keys.DESCRIBE_TYPE) for n in unknown
+    def refresh(self, grid: Grid, meta_round: int, wait: float | None = None) -> None:
+        """Ask the nodes not seen before who they are, and take the answers that came; wait at
+        most ``wait`` seconds (default: the round timeout) for the questions still open. An
+        error or a malformed answer makes the node broken; no answer yet leaves it open."""
+        asked = set(self.pending.values())
+        new = [
+            n
+            for n in grid.get_node_ids()
+            if n not in self.info and n not in self.broken and n not in asked
         ]
-        answered = set()
-        for reply in grid.send_and_receive(messages, timeout=self.timeout):
-            node = reply.metadata.src_node_id
-            answered.add(node)
-            try:
-                self.info[node] = node_info(reply)
-            except BadReply as exc:
-                self._broken(node, meta_round, str(exc))
-        for node in set(unknown) - answered:
-            self._broken(node, meta_round, f"no answer within round-timeout={self.timeout:g} s")
-        self._warn_duplicates(unknown)
+        if new:
+            log(INFO, "fedmaml: asking %d new node(s) who they are", len(new))
+            messages = [
+                Message(RecordDict(), dst_node_id=n, message_type=keys.DESCRIBE_TYPE) for n in new
+            ]
+            pushed = set(grid.push_messages(messages))
+            self.pending.update(
+                {m.metadata.message_id: n for m, n in zip(messages, new, strict=True)}
+            )
+            for message_id in set(self.pending) - pushed:  # refused by the SuperLink
+                self.pending.pop(message_id)
+        deadline = time.monotonic() + (self.timeout if wait is None else wait)
+        interval = 0.01
+        while self.pending:
+            for reply in grid.pull_messages(list(self.pending)):
+                node = self.pending.pop(reply.metadata.reply_to_message_id, None)
+                if node is None:
+                    continue
+                try:
+                    self.info[node] = node_info(reply)
+                except BadReply as exc:
+                    self._broken(node, meta_round, str(exc))
+            if not self.pending or time.monotonic() >= deadline:
+                break
+            time.sleep(interval)
+            interval = min(2 * interval, 0.5)
+        self._warn_duplicates(new)
 
     def _broken(self, node: int, meta_round: int, reason: str) -> None:
         self.broken[node] = reason
@@ -105,17 +126,18 @@ class NodeRoles:
         )
 
     def wait_for_training(self, grid: Grid, meta_round: int, needed: int) -> list[int]:
-        """The connected training nodes, once there are ``needed`` of them; waits at most the
-        round timeout (less when the federation is complete and cannot grow). Checks the
-        population against the run config the first time."""
+        """The connected training nodes, once every connected node has said who it is and
+        ``needed`` of them are training nodes; waits at most the round timeout (less when the
+        federation is complete and cannot grow). Checks the population against the run config
+        the first time."""
         deadline = time.monotonic() + self.timeout
         while True:
-            self.refresh(grid, meta_round)
+            self.refresh(grid, meta_round, wait=max(0.0, deadline - time.monotonic()))
             nodes = self.nodes("train", grid)
-            done = len(nodes) >= needed or self.complete(grid)
-            if done or time.monotonic() > deadline:
+            settled = not self.pending and len(nodes) >= needed
+            if settled or self.complete(grid) or time.monotonic() >= deadline:
                 break
-            time.sleep(1.0)
+            time.sleep(0.5)
         if not self._checked:
             self._checked = True
             self.check_population(grid)
