@@ -53,13 +53,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedmaml-secagg-bench-") as tmp:
         for n in args.clients:
-            for mode, changes in MODES.items():
+            for mode in args.modes:
+                changes = MODES[mode]
                 if changes.get("secagg_shares", 0) >= n:
                     continue
                 cfg = RunConfig(

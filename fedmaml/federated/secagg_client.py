@@ -42,7 +42,7 @@ from flwr.common.logger import log
 
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import keys
-from fedmaml.federated.secagg_vector import Layout, encode, mask, to_bytes, wrap
+from fedmaml.federated.secagg_vector import Layout, encode, key_to_scalar, mask, to_bytes, wrap
 
 Handler = Callable[[Message, Context], Message]
 
@@ -150,7 +150,7 @@ def _share_keys(state: dict[str, Any], config: ConfigRecord) -> dict[str, Any]:
         raise FedmamlError("secure aggregation: this node's own public keys are not listed")
     state["seed"] = os.urandom(32)
     seed_shares = create_shares(state["seed"], threshold, len(nodes))
-    key_shares = create_shares(state["sk1"], threshold, len(nodes))
+    key_shares = create_shares(key_to_scalar(state["sk1"]), threshold, len(nodes))
     sk2 = bytes_to_private_key(state["sk2"])
     state.update({"peers": nodes, "peer-pk1": pk1s, "share-owners": [me]})
     state.update({keys.SEED_SHARES: [], keys.KEY_SHARES: []})

@@ -47,6 +47,7 @@ from fedmaml.federated.secagg_vector import (
     from_bytes,
     mask,
     rounding_bound,
+    scalar_to_key,
     wrap,
 )
 
@@ -246,7 +247,7 @@ class SecureAggregation:
         from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
             generate_shared_key,
         )
-        from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+        from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
         seed_shares: dict[int, list[bytes]] = {n: [] for n in vectors}
         key_shares: dict[int, list[bytes]] = {n: [] for n in dead}
@@ -272,11 +273,11 @@ class SecureAggregation:
                 "masks cannot be removed (more clients dropped out than the threshold allows)"
             )
         total = np.sum(list(vectors.values()), axis=0, dtype=np.int64)
-        try:
+        try:  # t shares rebuild a secret; more only cost time (interpolation is O(t^2))
             for shares in seed_shares.values():
-                total -= mask(combine_shares(shares), layout.size)
+                total -= mask(combine_shares(shares[:threshold]), layout.size)
             for node, shares in key_shares.items():
-                sk1 = bytes_to_private_key(combine_shares(shares))
+                sk1 = scalar_to_key(combine_shares(shares[:threshold]))
                 for other in sorted(neighbours[node] & set(vectors)):
                     pairwise = mask(
                         generate_shared_key(sk1, bytes_to_public_key(public[other][0])),

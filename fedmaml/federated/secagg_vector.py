@@ -15,6 +15,11 @@ AES-256-CTR keystream of the seed (``cryptography``), the PRG of Bonawitz et al.
 Flower's own ``pseudo_rand_gen`` folds a 32-byte seed into a 32-bit NumPy seed, and 2^32 seeds
 can be searched. Keys are fresh every round, so each key expands one stream.
 
+Keys. A client's mask key sk1 is shared as its 48-byte private scalar (``cryptography``'s
+``private_numbers``, rebuilt with ``derive_private_key``), not as the 306-byte PEM Flower's mod
+shares: Shamir sharing (PyCryptodome, pure Python) costs per 16-byte chunk, 4 chunks instead of
+20.
+
 Decoding. For n unmasked clients, Σq ≤ n·Q < 2^32 (``secagg-bits`` is checked for that), and
 Σx = Σq·2r/Q − n·r, up to the rounding noise (at most 2r/Q per coordinate and client).
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 import base64
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -124,3 +130,18 @@ def rounding_bound(layout: Layout, n: int) -> float:
     """An upper bound on ‖Σ decoded − Σ true‖ for n clients: each coordinate of each client is
     off by less than one quantization step 2r/Q."""
     return n * math.sqrt(layout.update_size) * 2 * layout.clip_range / layout.levels
+
+
+def key_to_scalar(private_key_pem: bytes) -> bytes:
+    """The 48-byte private scalar of a SECP384R1 key given as PEM (what is secret-shared)."""
+    from flwr.supercore.primitives.asymmetric import bytes_to_private_key
+
+    value = bytes_to_private_key(private_key_pem).private_numbers().private_value
+    return value.to_bytes(48, "big")
+
+
+def scalar_to_key(scalar: bytes) -> Any:
+    """The SECP384R1 private key of a 48-byte scalar (a rebuilt sk1)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP384R1())
