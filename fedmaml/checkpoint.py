@@ -34,6 +34,8 @@ class Checkpoint:
     config: dict[str, Any] = field(default_factory=dict)
     round: int = 0
     optimizer_state: dict[str, Any] | None = None
+    #: the privacy ledger of a differentially private run (``PrivacyAccount.state_dict``)
+    privacy: dict[str, Any] | None = None
 
     def build_model(self) -> nn.Module:
         """The architecture this checkpoint was trained with (parameters not loaded)."""
@@ -52,6 +54,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         "config": dict(ckpt.config),
         "round": int(ckpt.round),
         "optimizer_state": ckpt.optimizer_state,
+        "privacy": ckpt.privacy,
     }
     atomic_write(path, lambda f: torch.save(payload, f), "wb", fsync=True)
     return path
@@ -91,6 +94,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         config=payload["config"],
         round=payload["round"],
         optimizer_state=payload["optimizer_state"],
+        privacy=payload.get("privacy"),
     )
 
 
@@ -115,6 +119,9 @@ def _structure_problem(payload: dict[str, Any]) -> str:
     state = payload.get("optimizer_state")
     if state is not None and not isinstance(state, dict):
         return "an optimizer state that is not a table"
+    privacy = payload.get("privacy")
+    if privacy is not None and not isinstance(privacy, dict):
+        return "a privacy ledger that is not a table"
     try:
         check_model_spec(payload["model"], kwargs)
     except FedmamlError as exc:

@@ -96,6 +96,25 @@ class RunConfig:
         "bound on a reply's update norm: 0 leaves out replies "
         "above 1000x the typical norm, > 0 clips to it, inf: none",
     )
+    dp_delta: float = _key(1e-5, "differential privacy: δ at which ε is reported")
+    dp_max_epsilon: float = _key(
+        0.0, "differential privacy: stop training before ε would exceed this (0: no budget)"
+    )
+    secure_aggregation: bool = _key(
+        False, "SecAgg+: the server learns only the sum of the sampled clients' meta-gradients"
+    )
+    secagg_shares: int = _key(
+        0, "SecAgg+: clients each client shares its keys with, itself included (0: all sampled)"
+    )
+    secagg_threshold: int = _key(
+        0, "SecAgg+: shares that rebuild a dropped client's masks (0: a majority of the shares)"
+    )
+    secagg_clip_range: float = _key(
+        0.0, "SecAgg+: coordinates are clipped to [-r, r] before quantization (0: the norm bound)"
+    )
+    secagg_bits: int = _key(
+        22, "SecAgg+: quantization bits per coordinate (a round's sum must fit in 32 bits)"
+    )
     support_size: int = _key(10, "support examples per episode (per class when ways > 0)")
     query_size: int = _key(10, "query examples per episode (per class when ways > 0)")
     ways: int = _key(0, "N-way episodes (0: the data's own labels)")
@@ -171,6 +190,7 @@ class RunConfig:
             )
         if self.dp_noise > 0 and self.dp_clip <= 0:
             raise _bad("dp_clip", self.dp_clip, "a number > 0 when dp-noise > 0")
+        self._check_privacy()
         if self.partition != "iid" and self.user_column:
             raise _bad(
                 "partition",
@@ -181,6 +201,78 @@ class RunConfig:
         if self.task not in ("sine", "local") and not self.data_path:
             raise _bad("data_path", "", f"the path of the {self.task} data")
         self._check_local()
+
+    def _check_privacy(self) -> None:
+        """The privacy budget and the SecAgg+ protocol settings (docs/privacy.md)."""
+        if not 0 < self.dp_delta < 1:
+            raise _bad("dp_delta", self.dp_delta, "a number in (0, 1), e.g. 1e-5")
+        if not (math.isfinite(self.dp_max_epsilon) and self.dp_max_epsilon >= 0):
+            raise _bad("dp_max_epsilon", self.dp_max_epsilon, "0 (no budget) or a finite ε > 0")
+        if self.dp_max_epsilon > 0 and not self.accounted:
+            raise _bad(
+                "dp_max_epsilon",
+                self.dp_max_epsilon,
+                "0 unless dp-noise > 0 and aggregator = mean (ε is accounted only for the "
+                "noised mean, whose sensitivity to one client is bounded by dp-clip)",
+            )
+        if not self.secure_aggregation:
+            return
+        if self.aggregator != "mean":
+            raise _bad(
+                "aggregator",
+                self.aggregator,
+                "mean with secure-aggregation: median, trimmed mean and Krum need every "
+                "client's update, and the server sees only their sum",
+            )
+        if self.aggregation != "uniform":
+            raise _bad(
+                "aggregation",
+                self.aggregation,
+                "uniform with secure-aggregation: the server cannot check a weight it never "
+                "sees, so every client counts once",
+            )
+        if not (self.dp_clip > 0 or 0 < self.max_update_norm < math.inf):
+            raise _bad(
+                "max_update_norm",
+                self.max_update_norm,
+                "a norm > 0 (or dp-clip > 0) with secure-aggregation: the server cannot check "
+                "masked updates, so each client clips its own to this norm before masking",
+            )
+        if self.min_train_nodes < 2:
+            raise _bad(
+                "min_train_nodes",
+                self.min_train_nodes,
+                "at least 2 with secure-aggregation (a sum of one update is that update)",
+            )
+        m = self.clients_per_round
+        if self.secagg_shares and not (
+            3 <= self.secagg_shares <= m and self.secagg_shares % 2 == 1
+        ):
+            raise _bad(
+                "secagg_shares",
+                self.secagg_shares,
+                f"0 (every sampled client) or an odd number in 3..{m} (the clients per round): "
+                "each client shares with the same number of neighbours on either side",
+            )
+        shares = self.secagg_share_count
+        if self.secagg_threshold and not shares // 2 < self.secagg_threshold <= shares:
+            raise _bad(
+                "secagg_threshold",
+                self.secagg_threshold,
+                f"0 (a majority) or an integer in {shares // 2 + 1}..{shares}: fewer than a "
+                "majority of the shares would let a server that lies about who dropped out "
+                "rebuild both masks of a client",
+            )
+        if not (math.isfinite(self.secagg_clip_range) and self.secagg_clip_range >= 0):
+            raise _bad("secagg_clip_range", self.secagg_clip_range, "0 or a finite number > 0")
+        if self.secagg_bits < 2 or m * 2**self.secagg_bits >= 2**32:
+            top = ((2**32 - 1) // m).bit_length() - 1
+            raise _bad(
+                "secagg_bits",
+                self.secagg_bits,
+                f"an integer in 2..{top}: the sum of {m} clients' quantized coordinates must "
+                "stay below 2^32, the masking modulus",
+            )
 
     def _check_local(self) -> None:
         """Task ``local``: every node reads its own data, so the run config alone must fix the
@@ -235,6 +327,30 @@ class RunConfig:
     def clients_per_round(self) -> int:
         """Training clients sampled per round (Flower's rule: fraction, at least the minimum)."""
         return max(int(self.num_train_clients * self.fraction_train), self.min_train_nodes)
+
+    @property
+    def clip_norm(self) -> float:
+        """The norm each client clips its update to before sending it (0: none): ``dp-clip``,
+        or under secure aggregation ``max-update-norm`` when it is smaller or dp-clip unset."""
+        bounds = [self.dp_clip] if self.dp_clip > 0 else []
+        if self.secure_aggregation and 0 < self.max_update_norm < math.inf:
+            bounds.append(self.max_update_norm)
+        return min(bounds, default=0.0)
+
+    @property
+    def accounted(self) -> bool:
+        """Whether ε is accounted: Gaussian noise on the mean of clipped updates."""
+        return self.dp_noise > 0 and self.aggregator == "mean"
+
+    @property
+    def secagg_share_count(self) -> int:
+        """Clients in each SecAgg+ neighbourhood, the client itself included."""
+        return self.secagg_shares or self.clients_per_round
+
+    @property
+    def secagg_share_threshold(self) -> int:
+        """Shares needed to rebuild a client's mask seed or key."""
+        return self.secagg_threshold or self.secagg_share_count // 2 + 1
 
     @property
     def model_name(self) -> str:

@@ -31,6 +31,8 @@ class Start:
     optimizer: MetaOptimizer
     round: int
     resumed_from: str = ""
+    #: the checkpoint's privacy ledger (differentially private runs)
+    privacy: dict | None = None
 
 
 def resume_path(cfg: RunConfig) -> str:
@@ -80,4 +82,9 @@ def start(cfg: RunConfig, work: Problem) -> Start:
             old_lr,
             cfg.meta_lr,
         )
-    return Start(optimizer.current(), optimizer, ckpt.round, resume)
+    if cfg.accounted and ckpt.round > 0 and ckpt.privacy is None:
+        raise FedmamlError(
+            f"checkpoint {resume} is at round {ckpt.round} of a run without a privacy ledger "
+            "(its rounds were not accounted): start a differentially private run from round 0"
+        )
+    return Start(optimizer.current(), optimizer, ckpt.round, resume, ckpt.privacy)

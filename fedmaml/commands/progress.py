@@ -93,6 +93,7 @@ class RoundProgress:
             self.shown = int(row["round"])
             unseen = row.get("unseen-loss-1", row.get("central-loss-1"))
             extra = "" if unseen is None or unseen != unseen else f"  unseen@1 {unseen:.4f}"
+            extra += _epsilon(row)
             self.console.print(
                 f"round {self.shown:>4}/{self.num_rounds}  meta-loss "
                 f"{row.get('train-loss-before', float('nan')):.4f} -> "
@@ -144,3 +145,9 @@ class RoundProgress:
             rich_table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
         self.console.print(rich_table)
         self.console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _epsilon(row: dict) -> str:
+    """The privacy spent so far, for a differentially private run's round line."""
+    epsilon = row.get("epsilon")
+    return "" if epsilon is None or epsilon != epsilon else f"  ε {epsilon:.3g}"

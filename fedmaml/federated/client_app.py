@@ -3,8 +3,11 @@
 * ``query.describe``: the node's role (train / held-out), client index and data identity, so
   that the server trains only on training clients;
 * ``train``: receive θ (∪ α), draw this round's episodes from the client's own data, reply the
-  *update* Δ = −g (g = mean meta-gradient of the local episodes) with metrics. The server's
-  aggregation strategy sees Δ relative to a zero reference, exactly as it sees model updates;
+  *update* Δ = −g (g = mean meta-gradient of the local episodes) with metrics, Δ clipped to the
+  norm bound C on the device when the run has one (``dp-clip``; under secure aggregation also
+  ``max-update-norm``). The server's aggregation strategy sees Δ relative to a zero reference,
+  exactly as it sees model updates; under ``secure-aggregation`` the
+  :mod:`~fedmaml.federated.secagg_client` mod masks the reply, and the server sees only a sum;
 * ``evaluate``: held-out query loss (and accuracy) after 0..eval-steps adaptation steps;
 * ``query.personalize``: adapt the final θ on the client's own data, keep the personalized model
   on the device (node config ``personalized-path``), reply metrics only.
@@ -25,6 +28,7 @@ from fedmaml.federated import keys
 from fedmaml.federated.app_logging import through_flower
 from fedmaml.federated.client_errors import one_line_errors
 from fedmaml.federated.records import from_record, run_config, to_record
+from fedmaml.federated.secagg_client import secure_aggregation_mod
 
 if TYPE_CHECKING:
     from fedmaml.config import RunConfig
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
     from fedmaml.problem import Problem
     from fedmaml.tasks.episodes import ClientData
 
-app = ClientApp(mods=[one_line_errors])
+app = ClientApp(mods=[one_line_errors, secure_aggregation_mod])
 through_flower()
 
 
@@ -67,18 +71,23 @@ def describe(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Δ = −g for this client's episodes of the round, and its query metrics."""
-    _, identity, client, work = _node(context)
+    """Δ = −g for this client's episodes of the round (clipped to the run's norm bound, if
+    any), and its query metrics."""
+    from fedmaml.federated.privacy import clip_to_norm
+
+    cfg, identity, client, work = _node(context)
     params = from_record(msg.content[keys.ARRAYS])
     meta_round = int(msg.content[keys.CONFIG][keys.META_ROUND])
     grads, metrics = work.client_meta_gradient(params, client, identity.index, meta_round)
     update = {k: -g for k, g in grads.items()}
-    reply = MetricRecord(
-        {
-            keys.NUM_EXAMPLES: int(metrics.pop("num_query")),
-            **{keys.metric_key(k): v for k, v in metrics.items()},
-        }
-    )
+    values = {
+        keys.NUM_EXAMPLES: int(metrics.pop("num_query")),
+        **{keys.metric_key(k): v for k, v in metrics.items()},
+    }
+    if cfg.clip_norm > 0:
+        update, clipped = clip_to_norm(update, cfg.clip_norm)
+        values[keys.CLIPPED_ON_DEVICE] = float(clipped)
+    reply = MetricRecord(values)
     content = RecordDict({keys.ARRAYS: to_record(update), keys.METRICS: reply})
     return Message(content, reply_to=msg)
 

@@ -40,3 +40,25 @@ IDENTITY = (NUM_EXAMPLES, WEIGHT, CLIENT_INDEX, HELDOUT)
 def metric_key(name: str) -> str:
     """A core metric name as it travels in a MetricRecord: ``loss_after`` -> ``loss-after``."""
     return name.replace("_", "-")
+
+
+# secure aggregation (SecAgg+): every protocol message is a ``train`` message holding the
+# ConfigRecord SECAGG; its stage says which step of the protocol it is
+SECAGG = "secagg"
+SECAGG_STATE = "secagg-state"  # the client's protocol state, in context.state
+STAGE = "stage"
+SETUP, SHARE_KEYS, COLLECT_MASKED, UNMASK = "setup", "share-keys", "collect-masked", "unmask"
+STAGES = (SETUP, SHARE_KEYS, COLLECT_MASKED, UNMASK)
+SHARE_NUM = "share-num"
+THRESHOLD = "threshold"
+CLIP_RANGE = "clip-range"
+BITS = "bits"
+PK1, PK2 = "pk1", "pk2"
+NODES = "nodes"
+CIPHERTEXTS = "ciphertexts"
+MASKED = "masked"
+METRIC_NAMES = "metric-names"
+ACTIVE, DEAD = "active", "dead"
+SEED_SHARES, KEY_SHARES = "seed-shares", "key-shares"
+#: a client's training metric: 1 when it clipped its update to the norm bound, else 0
+CLIPPED_ON_DEVICE = "clipped-on-device"

@@ -14,6 +14,11 @@ The server trusts nothing a node says about itself that it cannot check:
   value of the wrong type is that node's failure, never a server error.
 
 Every failure is a :class:`BadReply` whose message is one line for ``clients.csv`` and the log.
+
+Under ``secure-aggregation`` the server never sees a training reply's update, so these checks
+move: each client checks its own update (finite, clipped to the norm bound) before masking it
+(:mod:`fedmaml.federated.secagg_client`), and the server checks the unmasked sum (its range and
+norm, :mod:`fedmaml.federated.secagg_server`); the weight is uniform.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """fedmaml's Flower ServerApp: one federated meta-learning run.
 
 Validates the run config before round 1, builds (or resumes) θ and the meta-optimizer,
-composes the Flower aggregation strategy (``aggregator``; Flower's central DP wrapper when
-``dp-clip``/``dp-noise`` are set) inside :class:`MetaStrategy`, evaluates centrally on held-out
-tasks where the server can open the data, and writes the run directory: ``checkpoint.pt``
-after every meta-update (atomic), ``rounds.csv``, ``clients.csv``, ``summary.json``.
+composes the Flower aggregation strategy (``aggregator``) inside :class:`MetaStrategy` (with
+``dp-noise``, the privacy ledger of :mod:`fedmaml.federated.privacy`; with
+``secure-aggregation``, SecAgg+), evaluates centrally on held-out tasks where the server can
+open the data, and writes the run directory: ``checkpoint.pt`` after every meta-update (atomic,
+with the privacy ledger), ``rounds.csv``, ``clients.csv``, ``summary.json``. Training stops
+before a round that would spend more than ``dp-max-epsilon``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
     FedMedian,
     FedTrimmedAvg,
@@ -30,6 +31,7 @@ from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import keys
 from fedmaml.federated.app_logging import through_flower
+from fedmaml.federated.privacy import BudgetExhausted, PrivacyAccount
 from fedmaml.federated.records import from_record, run_config, to_record
 from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.meta.evaluate import mean_curve
@@ -64,22 +66,33 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def build_aggregator(cfg: RunConfig) -> Strategy:
-    """The Flower strategy that aggregates client updates, as configured."""
-    aggregator = AGGREGATORS[cfg.aggregator](
+    """The Flower strategy that aggregates client updates, as configured. (Clipping to
+    ``dp-clip`` and the DP noise are MetaStrategy's: the noise is calibrated to the number of
+    updates actually averaged, and is added after unmasking under secure aggregation.)"""
+    return AGGREGATORS[cfg.aggregator](
         fraction_train=cfg.fraction_train,
         fraction_evaluate=0.0,
         min_train_nodes=cfg.min_train_nodes,
         min_available_nodes=cfg.min_train_nodes,
         weighted_by_key=keys.WEIGHT,  # written by MetaStrategy into each checked reply
     )
-    if cfg.dp_clip > 0:
-        return DifferentialPrivacyServerSideFixedClipping(
-            aggregator,
-            noise_multiplier=cfg.dp_noise,
-            clipping_norm=cfg.dp_clip,
-            num_sampled_clients=cfg.clients_per_round,
-        )
-    return aggregator
+
+
+def privacy_account(cfg: RunConfig, ledger: dict | None) -> PrivacyAccount | None:
+    """The run's privacy ledger (resumed from the checkpoint's) when ε is accounted; a budget
+    that no round fits in is refused here, before round 1."""
+    if not cfg.accounted:
+        if cfg.dp_noise > 0:
+            log(
+                WARNING,
+                "fedmaml: ε is not accounted with aggregator %s (the noise is calibrated to the "
+                "mean's sensitivity); use aggregator = mean for a privacy budget",
+                cfg.aggregator,
+            )
+        return None
+    account = PrivacyAccount(cfg, ledger)
+    account.check_feasible()
+    return account
 
 
 def run(grid: Grid, cfg: RunConfig) -> None:
@@ -113,6 +126,7 @@ def _run(grid: Grid, cfg: RunConfig, work: Problem, recorder: RunRecorder) -> No
         return
 
     saver = CheckpointSaver(out_dir / CHECKPOINT)
+    account = privacy_account(cfg, begin.privacy)
 
     def save(meta_round: int, new_params: Params, opt: MetaOptimizer) -> None:
         saver.save(
@@ -123,24 +137,29 @@ def _run(grid: Grid, cfg: RunConfig, work: Problem, recorder: RunRecorder) -> No
                 config=cfg.to_mapping(),
                 round=meta_round,
                 optimizer_state=opt.state_dict(),
+                privacy=account.state_dict() if account is not None else None,
             )
         )
 
     try:
-        _train(grid, cfg, work, recorder, params, optimizer, offset, save)
+        _train(grid, cfg, work, recorder, params, optimizer, offset, save, account)
     finally:
         saver.close()
-    if not recorder.updated_rounds(after=offset):
+    if account is not None:
+        recorder.facts["privacy"] = account.summary(**recorder.facts.get("privacy", {}))
+    stopped = recorder.facts.get("privacy", {}).get("stopped_by_budget")
+    if not recorder.updated_rounds(after=offset) and not stopped:
         raise FedmamlError(
             f"no round updated θ in {remaining} round(s): every round had too few valid client "
             f"replies (the reasons are in {out_dir / CLIENTS} and the log); e.g. lower inner-lr "
             "if the clients' adaptation diverges"
         )
     recorder.write_summary(status="finished", checkpoint=str(out_dir / CHECKPOINT))
+    last = max((r for r, row in recorder.rounds.items() if "updated" in row), default=offset)
     log(
         INFO,
         "fedmaml: finished round %d of %d (%d updated θ) in %s",
-        cfg.num_rounds,
+        last,
         cfg.num_rounds,
         recorder.updated_rounds(after=offset),
         out_dir,
@@ -156,8 +175,10 @@ def _train(
     optimizer: MetaOptimizer,
     offset: int,
     save: Callable[[int, Params, MetaOptimizer], None],
+    account: PrivacyAccount | None = None,
 ) -> None:
-    """Rounds offset+1..num-rounds: the meta-strategy, central evaluation, tables."""
+    """Rounds offset+1..num-rounds: the meta-strategy, central evaluation, tables; training
+    ends early when the privacy budget would be exceeded (personalization still runs)."""
     remaining = cfg.num_rounds - offset
     if offset == 0:
         save(0, params, optimizer)
@@ -170,6 +191,7 @@ def _train(
         num_rounds=remaining,
         on_update=save,
         timeout=cfg.round_timeout,
+        account=account,
     )
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -197,15 +219,18 @@ def _train(
         recorder.flush()
         return MetricRecord(summary)
 
-    strategy.start(
-        grid=grid,
-        initial_arrays=to_record(params),
-        num_rounds=remaining,
-        timeout=cfg.round_timeout,
-        train_config=ConfigRecord({}),
-        evaluate_config=ConfigRecord({}),
-        evaluate_fn=central_evaluation if _server_can_open_data(cfg) else None,
-    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=to_record(params),
+            num_rounds=remaining,
+            timeout=cfg.round_timeout,
+            train_config=ConfigRecord({}),
+            evaluate_config=ConfigRecord({}),
+            evaluate_fn=central_evaluation if _server_can_open_data(cfg) else None,
+        )
+    except BudgetExhausted as exc:
+        _stop_for_budget(recorder, exc)
     recorder.flush()
     if cfg.personalize:
         summary = strategy.personalize(grid, to_record(optimizer.current()))
@@ -214,6 +239,16 @@ def _train(
         )
         recorder.flush()
         log(INFO, "fedmaml: personalized on the devices: %s", summary)
+
+
+def _stop_for_budget(recorder: RunRecorder, exc: BudgetExhausted) -> None:
+    """The privacy budget ends training: the last checkpoint (the last update's) is final."""
+    log(WARNING, "fedmaml: privacy budget reached: %s", exc)
+    recorder.facts["privacy"] = {
+        **recorder.facts.get("privacy", {}),
+        "stopped_by_budget": True,
+        "stop_reason": str(exc),
+    }
 
 
 def _server_can_open_data(cfg: RunConfig) -> bool:

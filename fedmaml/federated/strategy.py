@@ -9,11 +9,17 @@ Round t, with θ the global meta-parameters:
 2. Clients reply Δ_i = −g_i (their meta-gradient, as an update relative to zero).
 3. ``aggregate_train``: every reply passes its own checks (:mod:`fedmaml.federated.replies`:
    keys, shapes, dtype, finiteness after the cast to θ's dtype, example counts, the update-norm
-   bound); the server writes each reply's aggregation weight itself. The wrapped strategy
-   aggregates the good replies exactly as it aggregates model updates ("reply − sent" = Δ_i:
-   clipping, noise, robust statistics apply unchanged) into Δ̄; then the meta-optimizer steps
-   with ḡ = −Δ̄: SGD θ ← θ − β ḡ, or Adam (state kept across rounds). A step that would leave θ
-   or Adam's state non-finite is undone.
+   bound, which is ``dp-clip`` when set); the server writes each reply's aggregation weight
+   itself. The wrapped strategy aggregates the good replies exactly as it aggregates model
+   updates ("reply − sent" = Δ_i: robust statistics apply unchanged) into Δ̄; with ``dp-noise``
+   the server adds N(0, (σC/n)²) to Δ̄ and accounts the release (:mod:`privacy`); then the
+   meta-optimizer steps with ḡ = −Δ̄: SGD θ ← θ − β ḡ, or Adam (state kept across rounds). A
+   step that would leave θ or Adam's state non-finite is undone.
+
+Under ``secure-aggregation``, steps 2–3 are the SecAgg+ protocol (:mod:`secagg_server`), run in
+``configure_train`` with the sampled nodes: the server never sees a reply's Δ_i, only ΣΔ_i and
+the number n of clients in it; the per-reply checks run on each device before masking and on
+the sum after unmasking, and Δ̄ = ΣΔ_i / n (uniform weights) goes on as above.
 
 Using zero as the reference keeps g exact (no θ − (θ − g) cancellation in float32).
 Evaluation (``configure_evaluate``) goes to a fixed sample of training and held-out nodes.
@@ -45,7 +51,8 @@ from flwr.serverapp.strategy import Strategy
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import keys
-from fedmaml.federated.records import from_record, to_record
+from fedmaml.federated.privacy import PrivacyAccount, add_noise
+from fedmaml.federated.records import to_record
 from fedmaml.federated.replies import (
     BadReply,
     NormBound,
@@ -55,6 +62,7 @@ from fedmaml.federated.replies import (
 )
 from fedmaml.federated.roles import NodeRoles
 from fedmaml.federated.round_log import RoundLog
+from fedmaml.federated.secagg_server import SecureAggregation, SecureRoundFailed, SecureSum
 from fedmaml.meta.outer import MetaOptimizer
 from fedmaml.meta.params import Params
 from fedmaml.rundir.recorder import RunRecorder
@@ -91,6 +99,7 @@ class MetaStrategy(Strategy):
         num_rounds: int,
         on_update: Callable[[int, Params, MetaOptimizer], None] | None = None,
         timeout: float = 600.0,
+        account: PrivacyAccount | None = None,
     ) -> None:
         self.aggregator = aggregator
         self.optimizer = optimizer
@@ -106,7 +115,13 @@ class MetaStrategy(Strategy):
             dtype=np.dtype(str(theta.dtype).removeprefix("torch.")),
             max_examples=cfg.local_episodes * cfg.query_size * max(cfg.ways, 1),
         )
-        self.bound = NormBound(cfg.max_update_norm)
+        self.bound = NormBound(cfg.clip_norm or cfg.max_update_norm)
+        self.account = account
+        self.secure = (
+            SecureAggregation(cfg, self.spec.shapes, timeout) if cfg.secure_aggregation else None
+        )
+        self._secure_sum: SecureSum | SecureRoundFailed | None = None
+        self._sample = (0, 0)
         self._zero = to_record({k: torch.zeros_like(v) for k, v in optimizer.params.items()})
         self._eval_nodes: dict[str, list[int]] = {}
         self._rng = random.Random(cfg.seed)
@@ -156,9 +171,24 @@ class MetaStrategy(Strategy):
         )
         for message in messages:
             message.content[keys.ARRAYS] = arrays
+        self._sample = (len(messages), len(nodes))
+        if self.account is not None:
+            self.account.check_budget(meta_round, *self._sample)
         self.log.asked["train"] = [m.metadata.dst_node_id for m in messages]
         self.recorder.round_values(meta_round, sampled=len(messages))
+        if self.secure is not None:
+            self._secure_sum = self._secure_round(grid, messages, meta_round)
+            return []
         return messages
+
+    def _secure_round(
+        self, grid: Grid, messages: list[Message], meta_round: int
+    ) -> SecureSum | SecureRoundFailed:
+        """The SecAgg+ protocol with the sampled nodes: their sum, or why there is none."""
+        try:
+            return self.secure.run(grid, messages, meta_round)  # type: ignore[union-attr]
+        except SecureRoundFailed as exc:
+            return exc
 
     def _starve(self, meta_round: int, available: int) -> None:
         """Not enough training nodes for a round: skip it, or stop the run when that goes on."""
@@ -180,6 +210,8 @@ class MetaStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         meta_round = self.meta_round(server_round)
+        if self.secure is not None:
+            return self._aggregate_secure(meta_round), None
         messages: dict[int, Message] = {}
         updates: dict[int, TrainUpdate] = {}
         problems: dict[int, str] = {}
@@ -229,13 +261,6 @@ class MetaStrategy(Strategy):
             log(WARNING, "fedmaml round %d: aggregation returned nothing: skipped", meta_round)
             self.log.finish_round(meta_round, values | {"updated": False})
             return None, metrics
-        grads = {k: -v for k, v in from_record(aggregated).items()}
-        try:
-            params = self.optimizer.step(grads)
-        except FedmamlError as exc:
-            log(WARNING, "fedmaml round %d: meta-update skipped: %s", meta_round, exc)
-            self.log.finish_round(meta_round, values | {"updated": False})
-            return None, metrics
         if metrics is not None:
             values.update(
                 {
@@ -244,10 +269,63 @@ class MetaStrategy(Strategy):
                     if k not in keys.IDENTITY and isinstance(v, int | float)
                 }
             )
+        mean = {k: np.array(v.numpy()) for k, v in aggregated.items()}
+        return self._update(meta_round, mean, len(updates), values), metrics
+
+    def _aggregate_secure(self, meta_round: int) -> ArrayRecord | None:
+        """The round's SecAgg+ outcome: every sampled node's row, then θ's update from the
+        unmasked sum (uniform weights: Δ̄ = ΣΔ_i / n)."""
+        result, self._secure_sum = self._secure_sum, None
+        outcome = dict(result.outcome) if result is not None else {}
+        for node in self.log.asked.get("train", []):
+            if not isinstance(result, SecureSum) and outcome.get(node, ("ok",))[0] == "ok":
+                outcome[node] = ("failed", f"round abandoned: {result}")
+            status, reason = outcome.get(node, ("failed", "not in the round's protocol"))
+            if status != "ok":
+                log(WARNING, "fedmaml round %d: node %d left out: %s", meta_round, node, reason)
+            self.log.row(meta_round, "train", node, status, reason=reason, masked=True)
+        statuses = [s for s, _ in outcome.values()]
+        values: dict[str, Any] = {
+            "ok": statuses.count("ok"),
+            "failed": statuses.count("failed"),
+            "no-reply": statuses.count("no-reply"),
+        }
+        if not isinstance(result, SecureSum) or result.count < self.cfg.min_train_nodes:
+            why = (
+                f"{result.count} clients in the sum, fewer than min-train-nodes="
+                f"{self.cfg.min_train_nodes}"
+                if isinstance(result, SecureSum)
+                else str(result or "no training node was sampled")
+            )
+            log(WARNING, "fedmaml round %d: secure aggregation: %s: skipped", meta_round, why)
+            self.log.finish_round(meta_round, values | {"updated": False})
+            return None
+        n = result.count
+        values.update({f"train-{k}": v / n for k, v in result.metrics.items()})
+        mean = {k: (v / n).astype(self.spec.dtype) for k, v in result.sums.items()}
+        return self._update(meta_round, mean, n, values)
+
+    def _update(
+        self, meta_round: int, mean: dict[str, np.ndarray], n: int, values: dict[str, Any]
+    ) -> ArrayRecord | None:
+        """θ's meta-update from Δ̄, the mean of n updates: DP noise and its accounting when the
+        run has them, the optimizer's step, the round's line, the checkpoint."""
+        if self.cfg.dp_noise > 0:
+            values["dp-noise-std"] = add_noise(mean, n, self.cfg)
+            if self.account is not None:
+                values["epsilon"] = self.account.compose(*self._sample)
+                self.recorder.facts["privacy"] = self.account.summary()
+        grads = {k: -torch.from_numpy(np.ascontiguousarray(v)) for k, v in mean.items()}
+        try:
+            params = self.optimizer.step(grads)
+        except FedmamlError as exc:
+            log(WARNING, "fedmaml round %d: meta-update skipped: %s", meta_round, exc)
+            self.log.finish_round(meta_round, values | {"updated": False})
+            return None
         self.log.finish_round(meta_round, values | {"updated": True})
         if self.on_update:
             self.on_update(meta_round, params, self.optimizer)
-        return to_record(params), metrics
+        return to_record(params)
 
     def _checked_content(self, update: TrainUpdate) -> RecordDict:
         """A reply's content as the aggregation sees it: the checked (cast, maybe clipped)

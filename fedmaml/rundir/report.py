@@ -253,6 +253,32 @@ def outcome_lines(
     return lines
 
 
+def privacy_lines(summary: dict[str, Any]) -> list[str]:
+    """The run's privacy: secure aggregation, and the (ε, δ) its releases spent."""
+    config = summary.get("config", {})
+    lines = []
+    if config.get("secure-aggregation"):
+        lines.append(
+            "- secure aggregation (SecAgg+): the server saw only the sum of each round's "
+            "clients' meta-gradients"
+        )
+    privacy = summary.get("privacy")
+    if privacy:
+        budget = privacy.get("max_epsilon")
+        lines.append(
+            f"- differential privacy: ε = {privacy['epsilon']:.4g} at δ = {privacy['delta']:g} "
+            f"after {privacy['releases']} release(s) (σ = {privacy['noise_multiplier']:g}, "
+            f"C = {privacy['clip_norm']:g}, sampling rate {privacy['sampling_rate']:.3g}"
+            + (f", budget ε ≤ {budget:g}" if budget else "")
+            + "); personalization after training is local and spends no budget"
+        )
+        if privacy.get("stopped_by_budget"):
+            lines.append(f"- training stopped at the privacy budget: {privacy['stop_reason']}")
+    elif float(config.get("dp-noise", 0) or 0) > 0:
+        lines.append("- differential privacy: noise added, ε not accounted (aggregator not mean)")
+    return lines
+
+
 def report(run_dir: str | Path) -> list[Path]:
     """Write the plots and ``summary.md`` for a run; return the files written."""
     run_dir = Path(run_dir)
@@ -267,6 +293,7 @@ def report(run_dir: str | Path) -> list[Path]:
         f"# fedmaml run `{run_dir.name}`",
         "",
         *outcome_lines(rounds, clients, summary),
+        *privacy_lines(summary),
         "",
         f"## Evaluation: held-out query {metric} after k adaptation steps (`@k`)",
         "",
