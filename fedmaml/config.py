@@ -111,6 +111,11 @@ class RunConfig:
     batching: str = _key("auto", "meta-gradients of a client's episodes: vmap or a loop")
     round_timeout: float = _key(600.0, "seconds a round waits for slow or dead clients")
     personalize: bool = _key(False, "after training, every client personalizes θ on its device")
+    users_per_node: int = _key(
+        1,
+        "users (clients) each simulated node holds and computes in one batch; "
+        "fedmaml simulate starts ceil(clients / users-per-node) nodes",
+    )
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
@@ -132,6 +137,7 @@ class RunConfig:
             "eval_clients",
             "eval_episodes",
             "partition_classes",
+            "users_per_node",
         ):
             if getattr(self, name) < 1:
                 raise _bad(name, getattr(self, name), "an integer >= 1")

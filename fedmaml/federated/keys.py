@@ -40,3 +40,18 @@ IDENTITY = (NUM_EXAMPLES, WEIGHT, CLIENT_INDEX, HELDOUT)
 def metric_key(name: str) -> str:
     """A core metric name as it travels in a MetricRecord: ``loss_after`` -> ``loss-after``."""
     return name.replace("_", "-")
+
+
+# ---------------------------------------------------------------- users (fedmaml.federated.users)
+#: in a message's config: the users (``train-3``, ``heldout-0``) the node computes for; their
+#: replies travel in records named ``<record>.<user>`` (:func:`user_record`)
+USERS = "users"
+#: ConfigRecord of a many-users reply: each failed user's one-line reason
+USER_ERRORS = "user-errors"
+#: ConfigRecord of a many-users reply: each user's data identity (client id)
+USER_NAMES = "user-names"
+
+
+def user_record(record: str, user: str) -> str:
+    """The name of ``user``'s ``record`` in a many-users reply: ``arrays.train-3``."""
+    return f"{record}.{user}"

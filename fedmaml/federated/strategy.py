@@ -45,6 +45,7 @@ from flwr.serverapp.strategy import Strategy
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import keys
+from fedmaml.federated.dispatch import Dispatch
 from fedmaml.federated.records import from_record, to_record
 from fedmaml.federated.replies import (
     BadReply,
@@ -55,6 +56,7 @@ from fedmaml.federated.replies import (
 )
 from fedmaml.federated.roles import NodeRoles
 from fedmaml.federated.round_log import RoundLog
+from fedmaml.federated.users import seeded_sampling
 from fedmaml.meta.outer import MetaOptimizer
 from fedmaml.meta.params import Params
 from fedmaml.rundir.recorder import RunRecorder
@@ -111,6 +113,7 @@ class MetaStrategy(Strategy):
         self._eval_nodes: dict[str, list[int]] = {}
         self._rng = random.Random(cfg.seed)
         self.log = RoundLog(recorder, self.roles, timeout)
+        self.dispatch = Dispatch(self.roles, self.log)
         self._starved = 0
 
     def meta_round(self, server_round: int) -> int:
@@ -138,6 +141,7 @@ class MetaStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self.log.timing.start(grid)
         meta_round = self.meta_round(server_round)
         nodes = self.roles.wait_for_training(grid, meta_round, self.cfg.min_train_nodes)
         if len(nodes) < self.cfg.min_train_nodes:
@@ -146,19 +150,21 @@ class MetaStrategy(Strategy):
             return []
         self._starved = 0
         round_config = ConfigRecord({**dict(config), keys.META_ROUND: meta_round})
-        messages = list(
-            self.aggregator.configure_train(
-                server_round,
-                self._zero,
-                round_config,
-                _TrainingNodes(grid, nodes),  # type: ignore[arg-type]
+        with seeded_sampling(self.cfg.seed, meta_round):
+            messages = list(
+                self.aggregator.configure_train(
+                    server_round,
+                    self._zero,
+                    round_config,
+                    _TrainingNodes(grid, nodes),  # type: ignore[arg-type]
+                )
             )
-        )
         for message in messages:
             message.content[keys.ARRAYS] = arrays
-        self.log.asked["train"] = [m.metadata.dst_node_id for m in messages]
         self.recorder.round_values(meta_round, sampled=len(messages))
-        return messages
+        out = self.dispatch.out("train", messages, grid.get_node_ids())
+        self.log.timing.configured()
+        return out
 
     def _starve(self, meta_round: int, available: int) -> None:
         """Not enough training nodes for a round: skip it, or stop the run when that goes on."""
@@ -180,6 +186,8 @@ class MetaStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         meta_round = self.meta_round(server_round)
+        self.log.timing.replied()
+        replies = self.dispatch.back("train", replies, (keys.ARRAYS, keys.METRICS))
         messages: dict[int, Message] = {}
         updates: dict[int, TrainUpdate] = {}
         problems: dict[int, str] = {}
@@ -277,8 +285,8 @@ class MetaStrategy(Strategy):
             return []
         meta_round = self.meta_round(server_round)
         self.roles.refresh(grid, meta_round)
-        connected = set(grid.get_node_ids())
-        nodes = [n for n in self._evaluation_nodes() if n in connected]
+        available = {n for role in keys.ROLES for n in self.roles.participants(role, grid)}
+        nodes = [n for n in self._evaluation_nodes() if n in available]
         record = RecordDict(
             {
                 keys.ARRAYS: arrays,
@@ -291,14 +299,16 @@ class MetaStrategy(Strategy):
                 ),
             }
         )
-        self.log.asked["evaluate"] = nodes
-        return [Message(record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+        messages = [
+            Message(record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes
+        ]
+        return self.dispatch.out("evaluate", messages, grid.get_node_ids())
 
     def _evaluation_nodes(self) -> list[int]:
         """A fixed, seeded sample of up to eval-clients training and held-out nodes."""
         for role in keys.ROLES:
             if not self._eval_nodes.get(role):
-                nodes = self.roles.nodes(role)
+                nodes = self.roles.participants(role)
                 self._eval_nodes[role] = sorted(
                     self._rng.sample(nodes, min(self.cfg.eval_clients, len(nodes)))
                 )
@@ -308,6 +318,7 @@ class MetaStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         meta_round = self.meta_round(server_round)
+        replies = self.dispatch.back("evaluate", replies, (keys.METRICS,))
         summary = self.log.per_group(meta_round, "evaluate", replies)
         if not summary:
             return None
@@ -321,12 +332,15 @@ class MetaStrategy(Strategy):
         meta_round = self.meta_round(self.num_rounds)
         self.roles.refresh(grid, meta_round)
         record = RecordDict({keys.ARRAYS: arrays})
-        nodes = sorted(self.roles.info)
+        nodes = sorted(self.roles.participants("train") + self.roles.participants("heldout"))
         messages = [
             Message(record, dst_node_id=n, message_type=keys.PERSONALIZE_TYPE) for n in nodes
         ]
-        self.log.asked["personalize"] = nodes
-        replies = grid.send_and_receive(messages, timeout=self.roles.timeout)
+        replies = grid.send_and_receive(
+            self.dispatch.out("personalize", messages, grid.get_node_ids()),
+            timeout=self.roles.timeout,
+        )
+        replies = self.dispatch.back("personalize", replies, (keys.METRICS,))
         summary = self.log.per_group(meta_round, "personalize", replies)
         self.recorder.flush()
         return summary
