@@ -3,7 +3,8 @@
 It starts its own SuperLink in simulation mode (free ports, a private ``FLWR_HOME``, no
 runtime dependency installation, no update check or telemetry), submits the app with
 ``flwr run`` and the run config as a TOML file, waits for the run to end, and stops the
-SuperLink and everything it started (Ray included) by pid and by run token — also when it is
+SuperLink and everything it started (Ray included, unless it runs on an existing Ray cluster:
+``ray_address``) by pid and by run token — also when it is
 interrupted (Ctrl-C, SIGTERM, SIGHUP) or fails: nothing is left running, and the user's
 ``~/.flwr`` and pyproject.toml are never touched.
 
@@ -47,6 +48,7 @@ from fedmaml.federated.processes import (
     strip_ansi,
     wait_healthy,
 )
+from fedmaml.federated.ray_cluster import RAY_ADDRESS, check_address
 from fedmaml.rundir.names import FLOWER_LOG, SUMMARY
 
 
@@ -56,6 +58,9 @@ class SimulationOptions:
     client_cpus: int = 1
     client_gpus: float = 0.0
     timeout: float = 3600.0
+    #: HOST:PORT of an existing Ray cluster to run the ClientApps on (None: a private Ray on
+    #: this machine); see :mod:`fedmaml.federated.ray_cluster`
+    ray_address: str | None = None
 
 
 def simulate(
@@ -109,6 +114,8 @@ def simulate(
         run_config.write_bytes(tomli_w.dumps(mapping).encode())
         port = free_port()
         env = flower_env(home, token)
+        if options.ray_address:
+            env[RAY_ADDRESS] = check_address(options.ray_address)
         write_connection(Path(home), f"127.0.0.1:{port}")
         superlink = runner = None
         try:

@@ -4,10 +4,14 @@ Round t, with θ the global meta-parameters:
 
 1. ``configure_train``: once enough training nodes are connected (a wait bounded by
    ``round-timeout``), the wrapped strategy (FedAvg, FedMedian, FedTrimmedAvg, Krum, optionally
-   inside Flower's central-DP wrapper) samples training nodes and builds the messages around a
-   *zero* reference; each message then carries θ to its client.
+   inside Flower's central-DP wrapper) samples training *participants* (deployed nodes, or in a
+   simulation the federation's training users: :mod:`fedmaml.federated.users`), with Flower's
+   sampling seeded by (seed, round), and builds one message per participant around a *zero*
+   reference; each message then carries θ to its client. In a simulation the messages go out
+   as one message per node listing its users (:mod:`fedmaml.federated.dispatch`).
 2. Clients reply Δ_i = −g_i (their meta-gradient, as an update relative to zero).
-3. ``aggregate_train``: every reply passes its own checks (:mod:`fedmaml.federated.replies`:
+3. ``aggregate_train``: every reply (a simulated node's reply split into one per user) passes
+   its own checks (:mod:`fedmaml.federated.replies`:
    keys, shapes, dtype, finiteness after the cast to θ's dtype, example counts, the update-norm
    bound); the server writes each reply's aggregation weight itself. The wrapped strategy
    aggregates the good replies exactly as it aggregates model updates ("reply − sent" = Δ_i:
@@ -66,8 +70,9 @@ MAX_STARVED_ROUNDS = 3
 
 
 class _TrainingNodes:
-    """A view of the Grid whose connected nodes are the training nodes found for this round:
-    the wrapped strategy samples among them, and never waits (the waiting was done, bounded)."""
+    """A view of the Grid whose connected nodes are the training participants found for this
+    round: the wrapped strategy samples among them, and never waits (the waiting was done,
+    bounded)."""
 
     def __init__(self, grid: Grid, nodes: list[int]) -> None:
         self._grid, self._nodes = grid, nodes
