@@ -64,12 +64,14 @@ def pull_until(
 @dataclass
 class Exchange:
     """The timing of one ``send_and_receive``: wall-clock seconds (``time.time()``) when the
-    messages were pushed, when the last reply was created on its node (Flower stamps
-    ``created_at``), and when the last reply was in; and how many were sent and came back."""
+    messages were pushed, when the first and the last reply were created on their nodes (Flower
+    stamps ``created_at``), and when the last reply was in; and how many were sent and came
+    back."""
 
     sent: int = 0
     received: int = 0
     pushed_at: float = 0.0
+    first_created_at: float = 0.0
     last_created_at: float = 0.0
     done_at: float = 0.0
     reply_times: list[float] = field(default_factory=list)
@@ -78,6 +80,11 @@ class Exchange:
     def wait_s(self) -> float:
         """From the push to the last reply's creation: dispatch and the nodes' work."""
         return max(0.0, self.last_created_at - self.pushed_at) if self.received else 0.0
+
+    @property
+    def first_s(self) -> float:
+        """From the push to the first reply's creation: dispatch and one node's work."""
+        return max(0.0, self.first_created_at - self.pushed_at) if self.received else 0.0
 
     @property
     def pickup_s(self) -> float:
@@ -135,6 +142,7 @@ class PromptGrid(Grid):
         exchange.done_at = time.time()
         exchange.received = len(replies)
         exchange.reply_times = [m.metadata.created_at for m in replies]
+        exchange.first_created_at = min(exchange.reply_times, default=0.0)
         exchange.last_created_at = max(exchange.reply_times, default=0.0)
         return replies
 

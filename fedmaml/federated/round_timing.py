@@ -3,7 +3,8 @@
 * ``configure-s``: ``configure_train``: waiting for the training nodes (role discovery, in
   round 1), sampling, building the messages;
 * ``wait-s``: from pushing the messages to the creation of the last reply on its node
-  (Flower's dispatch to the nodes and the nodes' own work);
+  (Flower's dispatch to the nodes and the nodes' own work); ``first-s`` the same to the first
+  reply (dispatch and one node's work);
 * ``pickup-s``: from the last reply's creation to the server holding it (the polling);
 * ``aggregate-s``: from holding the replies to the round's row: reply checks, aggregation, the
   meta-step (not the tables' write nor the checkpoint hand-off).
@@ -49,6 +50,7 @@ class RoundTiming:
             "aggregate-s": round(time.perf_counter() - self._replied, 6),
         }
         if isinstance(self._grid, PromptGrid) and self._grid.last.received:
+            values["first-s"] = round(self._grid.last.first_s, 6)
             values["wait-s"] = round(self._grid.last.wait_s, 6)
             values["pickup-s"] = round(self._grid.last.pickup_s, 6)
         self._start = self._configured = self._replied = 0.0
