@@ -130,6 +130,11 @@ class RunConfig:
     batching: str = _key("auto", "meta-gradients of a client's episodes: vmap or a loop")
     round_timeout: float = _key(600.0, "seconds a round waits for slow or dead clients")
     personalize: bool = _key(False, "after training, every client personalizes θ on its device")
+    users_per_node: int = _key(
+        1,
+        "users (clients) each simulated node holds and computes in one batch; "
+        "fedmaml simulate starts ceil(clients / users-per-node) nodes",
+    )
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
@@ -151,6 +156,7 @@ class RunConfig:
             "eval_clients",
             "eval_episodes",
             "partition_classes",
+            "users_per_node",
         ):
             if getattr(self, name) < 1:
                 raise _bad(name, getattr(self, name), "an integer >= 1")
@@ -217,6 +223,13 @@ class RunConfig:
             )
         if not self.secure_aggregation:
             return
+        if self.users_per_node != 1:
+            raise _bad(
+                "users_per_node",
+                self.users_per_node,
+                "1 with secure-aggregation: each client masks its own update with its own keys, "
+                "so each simulated node computes one user",
+            )
         if self.aggregator != "mean":
             raise _bad(
                 "aggregator",

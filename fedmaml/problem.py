@@ -9,7 +9,7 @@ evaluation), the run's pre-flight checks and the centralized reference trainer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -19,13 +19,22 @@ from torch import Tensor, nn
 from fedmaml.centralized import MetaTrainResult, meta_train
 from fedmaml.config import RunConfig
 from fedmaml.device import resolve_device
-from fedmaml.meta import adaptation_curves, mean_curve, meta_gradient, model_params, with_inner_lrs
+from fedmaml.errors import FedmamlError
+from fedmaml.meta import (
+    adaptation_curves,
+    mean_curve,
+    meta_gradient,
+    meta_gradients,
+    model_params,
+    with_inner_lrs,
+)
 from fedmaml.meta.algorithms import resolve
 from fedmaml.meta.params import Params
 from fedmaml.models import build_model
 from fedmaml.tasks.episodes import (
     ClientData,
     EpisodeSpec,
+    Task,
     episode_generator,
     sample_episode,
     training_episodes,
@@ -95,14 +104,7 @@ class Problem:
         self, params: Params, client: ClientData, index: int, meta_round: int
     ) -> tuple[Params, dict[str, float]]:
         """The client's meta-gradient, averaged over its local episodes, and its metrics."""
-        tasks = training_episodes(
-            client,
-            self.spec,
-            seed=self.cfg.seed,
-            step=meta_round,
-            index=index,
-            count=self.cfg.local_episodes,
-        )
+        tasks = self.training_tasks(client, index, meta_round)
         return meta_gradient(
             self.model,
             self.to_device(params),
@@ -113,6 +115,36 @@ class Problem:
             inner_steps=self.cfg.inner_steps,
             inner_lr=self.cfg.inner_lr,
             batching=self.cfg.batching,
+        )
+
+    def users_meta_gradients(
+        self, params: Params, users: Sequence[tuple[ClientData, int]], meta_round: int
+    ) -> list[tuple[Params, dict[str, float]] | FedmamlError]:
+        """:meth:`client_meta_gradient` of each (client, index) in ``users``, computed together
+        (:func:`fedmaml.meta.gradient.meta_gradients`: one vmap batch where the model runs under
+        vmap); a user that fails is its own error in the list."""
+        tasks = [self.training_tasks(client, index, meta_round) for client, index in users]
+        return meta_gradients(
+            self.model,
+            self.to_device(params),
+            [[t.support for t in mine] for mine in tasks],
+            [[t.query for t in mine] for mine in tasks],
+            loss_fn=self.loss_fn,
+            algorithm=self.cfg.algorithm,
+            inner_steps=self.cfg.inner_steps,
+            inner_lr=self.cfg.inner_lr,
+            batching=self.cfg.batching,
+        )
+
+    def training_tasks(self, client: ClientData, index: int, meta_round: int) -> list[Task]:
+        """The local episodes client ``index`` trains on in round ``meta_round``."""
+        return training_episodes(
+            client,
+            self.spec,
+            seed=self.cfg.seed,
+            step=meta_round,
+            index=index,
+            count=self.cfg.local_episodes,
         )
 
     def evaluation_curve(
@@ -126,12 +158,52 @@ class Problem:
         has the same number of queries). The episodes are a fixed function of (seed, client)
         unless ``meta_round`` differs. The algorithm's adapted parameters adapt (ANIL: the head).
         """
+        [result] = self.evaluation_curves(params, [(client, index)], meta_round)
+        if isinstance(result, FedmamlError):
+            raise result
+        return result
+
+    def evaluation_curves(
+        self, params: Params, users: Sequence[tuple[ClientData, int]], meta_round: int = 0
+    ) -> list[tuple[list[dict[str, float]], int] | FedmamlError]:
+        """:meth:`evaluation_curve` of each (client, index) in ``users``: all their episodes in
+        one call of :func:`fedmaml.meta.evaluate.adaptation_curves` (vmap where the model runs
+        under it); when adaptation diverges there, each user is evaluated on its own, so that
+        only the users whose adaptation diverges fail."""
+        tasks = [self._evaluation_tasks(client, index, meta_round) for client, index in users]
+        flat = [t for mine in tasks for t in mine]
+        try:
+            curves = self._curves(params, flat)
+        except FedmamlError:
+            if len(users) == 1:
+                raise
+            return [self._one_evaluation(params, mine) for mine in tasks]
+        results: list[tuple[list[dict[str, float]], int] | FedmamlError] = []
+        begin = 0
+        for mine in tasks:
+            results.append(
+                (mean_curve(curves[begin : begin + len(mine)]), sum(t.num_query for t in mine))
+            )
+            begin += len(mine)
+        return results
+
+    def _one_evaluation(
+        self, params: Params, tasks: list[Task]
+    ) -> tuple[list[dict[str, float]], int] | FedmamlError:
+        try:
+            return mean_curve(self._curves(params, tasks)), sum(t.num_query for t in tasks)
+        except FedmamlError as exc:
+            return exc
+
+    def _evaluation_tasks(self, client: ClientData, index: int, meta_round: int) -> list[Task]:
         g = episode_generator(self.cfg.seed, meta_round, index, stream=EVAL_STREAM)
-        tasks = [
+        return [
             sample_episode(client, self.spec, g, held_out=True)
             for _ in range(self.cfg.eval_episodes)
         ]
-        curves = adaptation_curves(
+
+    def _curves(self, params: Params, tasks: list[Task]) -> list[list[dict[str, float]]]:
+        return adaptation_curves(
             self.model,
             self.to_device(params),
             [t.support for t in tasks],
@@ -142,7 +214,6 @@ class Problem:
             adapted=resolve(self.cfg.algorithm).adapted,
             batching=self.cfg.batching,
         )
-        return mean_curve(curves), sum(t.num_query for t in tasks)
 
 
 @lru_cache(maxsize=4)

@@ -57,7 +57,8 @@ ADAM_ATOL = 1e-5
 
 def test_one_sgd_round_equals_one_centralized_maml_step(tmp_path):
     cfg = small_config(tmp_path, "sgd", personalize=True)
-    # one node more than there are clients: it cannot take part, and the run goes on
+    # one node more than there are clients: a simulated node can compute any client, so the
+    # extra node is one more worker; the clients and the result are the same
     out = simulate(cfg, SimulationOptions(num_supernodes=cfg.num_train_clients + 2))
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt.round == 1
@@ -66,8 +67,7 @@ def test_one_sgd_round_equals_one_centralized_maml_step(tmp_path):
     clients = pd.read_csv(out / "clients.csv")
     train = clients[clients["phase"] == "train"]
     assert sorted(train["client"]) == list(range(5)) and (train["status"] == "ok").all()
-    describe = clients[clients["phase"] == "describe"]
-    assert len(describe) == 1 and "beyond" in describe["reason"].iloc[0]
+    assert "describe" not in set(clients["phase"])  # nobody failed to say who they are
     rounds = pd.read_csv(out / "rounds.csv").set_index("round")
     assert rounds.loc[1, "ok"] == 5 and rounds.loc[1, "failed"] == 0
     # federated evaluation on the held-out client equals the server's central evaluation

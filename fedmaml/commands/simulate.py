@@ -20,8 +20,9 @@ from fedmaml.errors import FedmamlError
 
 DESCRIPTION = """\
 Run a federated meta-learning simulation on Flower's simulation engine (Ray): its own
-SuperLink on free ports, one simulated SuperNode per client, everything stopped when it ends
-(also on Ctrl-C, SIGTERM and SIGHUP). Prints a line per round, then a results table; writes the
+SuperLink on free ports, one simulated SuperNode per client (or per users-per-node clients),
+everything stopped when it ends (also on Ctrl-C, SIGTERM and SIGHUP); --ray-address runs the
+clients on an existing Ray cluster. Prints a line per round, then a results table; writes the
 run directory (checkpoint.pt, rounds.csv, clients.csv, summary.json, summary.md, plots,
 flower.log).
 
@@ -86,6 +87,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--gpus-per-client",
         type=float,
         help="GPU share per simulated client (default 0.25 with a GPU, else 0)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="run the simulated clients on an existing Ray cluster (its head's address, e.g. "
+        "10.0.0.5:6379; docs/scale.md) instead of a private Ray on this machine",
     )
     p.add_argument("--no-plot", action="store_true", help="skip the plots")
     p.add_argument("--quiet", action="store_true", help="no per-round progress")
@@ -172,7 +179,13 @@ def run(args: argparse.Namespace) -> int:
     progress = RoundProgress(quiet=args.quiet)
     progress.say(f"checking the settings and the data ({base.task})")
     ready = [preflight(cfg, gpus_per_client=gpus) for cfg in runs]
-    options = SimulationOptions(client_cpus=args.cpus_per_client, client_gpus=gpus)
+    if args.ray_address:
+        from fedmaml.federated.ray_cluster import check_address
+
+        check_address(args.ray_address)
+    options = SimulationOptions(
+        client_cpus=args.cpus_per_client, client_gpus=gpus, ray_address=args.ray_address
+    )
     done = []
     for cfg, start in zip(runs, ready, strict=True):
         if start.complete(cfg):

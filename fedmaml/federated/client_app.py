@@ -12,7 +12,9 @@
 * ``query.personalize``: adapt the final θ on the client's own data, keep the personalized model
   on the device (node config ``personalized-path``), reply metrics only.
 
-A failing handler replies one plain line (:mod:`fedmaml.federated.client_errors`). Torch and the
+A message that lists users (a simulation, many users per node) is answered for each of them
+by :mod:`fedmaml.federated.many_users`. A failing handler replies one plain line
+(:mod:`fedmaml.federated.client_errors`). Torch and the
 core are imported inside the handlers: a deployed node starts a new process per message, and
 ``describe`` needs neither.
 """
@@ -27,6 +29,7 @@ from flwr.clientapp import ClientApp
 from fedmaml.federated import keys
 from fedmaml.federated.app_logging import through_flower
 from fedmaml.federated.client_errors import one_line_errors
+from fedmaml.federated.many_users import serves_users
 from fedmaml.federated.records import from_record, run_config, to_record
 from fedmaml.federated.secagg_client import secure_aggregation_mod
 
@@ -51,6 +54,7 @@ def _node(context: Context) -> tuple[RunConfig, NodeIdentity, ClientData, Proble
 
 
 @app.query("describe")
+@serves_users
 def describe(msg: Message, context: Context) -> Message:
     """Who this node is: role, client index, the data's identity and size, and (simulation) the
     federation's size."""
@@ -70,6 +74,7 @@ def describe(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@serves_users
 def train(msg: Message, context: Context) -> Message:
     """Δ = −g for this client's episodes of the round (clipped to the run's norm bound, if
     any), and its query metrics."""
@@ -93,6 +98,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@serves_users
 def evaluate(msg: Message, context: Context) -> Message:
     """Held-out query metrics after k = 0..eval-steps steps (``loss-k``, ``accuracy-k``)."""
     _, identity, client, work = _node(context)
@@ -106,6 +112,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 @app.query("personalize")
+@serves_users
 def personalize(msg: Message, context: Context) -> Message:
     """Personalize θ on this device: adapt on the client's training pool, evaluate on its
     held-out pool, save θ'_K on the device; only the metrics leave it."""

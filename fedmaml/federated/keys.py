@@ -62,3 +62,18 @@ ACTIVE, DEAD = "active", "dead"
 SEED_SHARES, KEY_SHARES = "seed-shares", "key-shares"
 #: a client's training metric: 1 when it clipped its update to the norm bound, else 0
 CLIPPED_ON_DEVICE = "clipped-on-device"
+
+
+# ---------------------------------------------------------------- users (fedmaml.federated.users)
+#: in a message's config: the users (``train-3``, ``heldout-0``) the node computes for; their
+#: replies travel in records named ``<record>.<user>`` (:func:`user_record`)
+USERS = "users"
+#: ConfigRecord of a many-users reply: each failed user's one-line reason
+USER_ERRORS = "user-errors"
+#: ConfigRecord of a many-users reply: each user's data identity (client id)
+USER_NAMES = "user-names"
+
+
+def user_record(record: str, user: str) -> str:
+    """The name of ``user``'s ``record`` in a many-users reply: ``arrays.train-3``."""
+    return f"{record}.{user}"

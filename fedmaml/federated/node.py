@@ -16,6 +16,7 @@ cuda, cuda:N) overrides the run config's device on that node (:func:`node_run_co
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -85,13 +86,60 @@ def load_client(node_config: Mapping[str, Any], cfg: RunConfig) -> tuple[NodeIde
 
 @lru_cache(maxsize=8)
 def _load(items: tuple[tuple[str, Any], ...], cfg: RunConfig) -> tuple[NodeIdentity, ClientData]:
-    from fedmaml.tasks.registry import open_source
-
     node_config = dict(items)
     identity = identify(node_config, cfg)
     if cfg.task == "local" or "data-path" in node_config:
         return identity, _own_data(node_config, cfg, identity)
-    return identity, open_source(cfg).client(identity.index, identity.role)
+    return identity, user_data(cfg, identity.role, identity.index)
+
+
+def user_data(cfg: RunConfig, role: str, index: int) -> ClientData:
+    """Client ``index`` of ``role`` in the run's shared task source. The source is opened once
+    per process (:func:`fedmaml.problem.problem_for`) and the clients built are kept, up to
+    ``USER_CACHE_BYTES`` of tensors (least recently used first out): a simulation worker serving
+    many users builds each one's data once, not once per message."""
+    key = (cfg, role, index)
+    client = _USERS.get(key)
+    if client is None:
+        from fedmaml.problem import problem_for
+
+        client = problem_for(cfg).source.client(index, role)
+        _USERS.put(key, client)
+    return client
+
+
+#: tensor bytes of clients a process keeps (:func:`user_data`)
+USER_CACHE_BYTES = 256 * 2**20
+
+
+class _ClientCache:
+    """Least-recently-used clients, bounded by the bytes of their tensors."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple[RunConfig, str, int], ClientData] = OrderedDict()
+
+    def get(self, key: tuple[RunConfig, str, int]) -> ClientData | None:
+        client = self._items.get(key)
+        if client is not None:
+            self._items.move_to_end(key)
+        return client
+
+    def put(self, key: tuple[RunConfig, str, int], client: ClientData) -> None:
+        self._items[key] = client
+        self.bytes += _nbytes(client)
+        while self.bytes > self.max_bytes and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= _nbytes(old)
+
+
+def _nbytes(client: ClientData) -> int:
+    tensors = (client.x, client.y, client.x_test, client.y_test)
+    return sum(t.element_size() * t.nelement() for t in tensors if t is not None)
+
+
+_USERS = _ClientCache(USER_CACHE_BYTES)
 
 
 def _own_data(node_config: Mapping[str, Any], cfg: RunConfig, identity: NodeIdentity) -> ClientData:

@@ -2,8 +2,9 @@
 was asked (its reply's metrics, its failure, or its silence, beside the client's identity), and
 the round's line in ``rounds.csv``.
 
-:class:`RoundLog` remembers which nodes each phase (train, evaluate, personalize) asked, so
-that a node that never answered is recorded by name rather than forgotten.
+:class:`RoundLog` remembers which participants (nodes, or a simulation's users) each phase
+(train, evaluate, personalize) asked and which node computed each, so that one that never
+answered is recorded by name rather than forgotten.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flwr.common.logger import log
 from fedmaml.federated import keys
 from fedmaml.federated.replies import BadReply, evaluation_metrics
 from fedmaml.federated.roles import NodeRoles
+from fedmaml.federated.round_timing import RoundTiming
 from fedmaml.rundir.recorder import RunRecorder
 
 
@@ -28,13 +30,17 @@ class RoundLog:
         self.roles = roles
         self.round_timeout = round_timeout
         self.asked: dict[str, list[int]] = {}
+        #: per phase, the node that computes each participant (absent: the participant itself)
+        self.routed: dict[str, dict[int, int]] = {}
+        self.timing = RoundTiming()
 
     def row(self, meta_round: int, phase: str, node: int, status: str, **values: Any) -> None:
-        """One node's row in ``clients.csv``: round, phase, node, the client it serves, status."""
+        """One participant's row in ``clients.csv``: round, phase, the node that computed it,
+        the client, status."""
         self.recorder.client_row(
             round=meta_round,
             phase=phase,
-            node_id=node,
+            node_id=self.routed.get(phase, {}).get(node, node),
             **self.roles.identity(node),
             status=status,
             **values,
@@ -50,9 +56,13 @@ class RoundLog:
         return len(missing)
 
     def finish_round(self, meta_round: int, values: dict[str, Any]) -> None:
-        """The round's line in ``rounds.csv`` (tables flushed) and in the log."""
+        """The round's line in ``rounds.csv`` (tables flushed), with where its time went
+        (:class:`~fedmaml.federated.round_timing.RoundTiming`), and in the log."""
         self.recorder.round_values(
-            meta_round, elapsed_s=round(self.recorder.elapsed(), 3), **values
+            meta_round,
+            elapsed_s=round(self.recorder.elapsed(), 3),
+            **values,
+            **self.timing.values(),
         )
         self.recorder.flush()
         row = self.recorder.rounds[meta_round]
@@ -84,8 +94,7 @@ class RoundLog:
                 log(WARNING, "fedmaml round %d: %s on node %d: %s", meta_round, phase, node, exc)
                 self.row(meta_round, phase, node, "failed", reason=str(exc))
                 continue
-            info = self.roles.info.get(node)
-            heldout = info is not None and info.role == "heldout"
+            heldout = self.roles.role(node) == "heldout"
             metrics[keys.HELDOUT] = int(heldout)
             self.row(meta_round, phase, node, "ok", **metrics)
             groups["unseen" if heldout else "seen"].append(metrics)

@@ -31,6 +31,7 @@ from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import keys
 from fedmaml.federated.app_logging import through_flower
+from fedmaml.federated.collect import PromptGrid
 from fedmaml.federated.privacy import BudgetExhausted, PrivacyAccount
 from fedmaml.federated.records import from_record, run_config, to_record
 from fedmaml.federated.strategy import MetaStrategy
@@ -59,7 +60,7 @@ AGGREGATORS: dict[str, type[FedAvg]] = {
 def main(grid: Grid, context: Context) -> None:
     try:
         cfg = run_config(context)
-        run(grid, cfg)
+        run(PromptGrid(grid), cfg)
     except FedmamlError as exc:
         log(ERROR, "fedmaml: %s", exc)
         raise

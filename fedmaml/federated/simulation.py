@@ -3,7 +3,8 @@
 It starts its own SuperLink in simulation mode (free ports, a private ``FLWR_HOME``, no
 runtime dependency installation, no update check or telemetry), submits the app with
 ``flwr run`` and the run config as a TOML file, waits for the run to end, and stops the
-SuperLink and everything it started (Ray included) by pid and by run token — also when it is
+SuperLink and everything it started (Ray included, unless it runs on an existing Ray cluster:
+``ray_address``) by pid and by run token — also when it is
 interrupted (Ctrl-C, SIGTERM, SIGHUP) or fails: nothing is left running, and the user's
 ``~/.flwr`` and pyproject.toml are never touched.
 
@@ -47,15 +48,19 @@ from fedmaml.federated.processes import (
     strip_ansi,
     wait_healthy,
 )
+from fedmaml.federated.ray_cluster import RAY_ADDRESS, check_address
 from fedmaml.rundir.names import FLOWER_LOG, SUMMARY
 
 
 @dataclass(frozen=True)
 class SimulationOptions:
-    num_supernodes: int | None = None  # default: train + held-out clients
+    num_supernodes: int | None = None  # default: federation_size(cfg)
     client_cpus: int = 1
     client_gpus: float = 0.0
     timeout: float = 3600.0
+    #: HOST:PORT of an existing Ray cluster to run the ClientApps on (None: a private Ray on
+    #: this machine); see :mod:`fedmaml.federated.ray_cluster`
+    ray_address: str | None = None
 
 
 def simulate(
@@ -97,7 +102,7 @@ def simulate(
         else cfg.data_path,
     )
     log_path = log_path or out_dir / FLOWER_LOG
-    nodes = options.num_supernodes or cfg.num_train_clients + cfg.num_heldout_clients
+    nodes = options.num_supernodes or federation_size(cfg)
     token = new_token()
     with (
         stop_on_signals(),
@@ -111,8 +116,9 @@ def simulate(
         env = flower_env(home, token)
         # Flower's ray.init() joins the cluster that RAY_ADDRESS or Ray's bootstrap file
         # (<RAY_TMPDIR or /tmp>/ray/ray_current_cluster, left by any `ray start`, also by a
-        # head that died) names; a simulation starts its own Ray instance instead.
-        env["RAY_ADDRESS"] = "local"
+        # head that died) names: the cluster asked for (--ray-address), else a Ray instance of
+        # the simulation's own, never one found by chance.
+        env[RAY_ADDRESS] = check_address(options.ray_address) if options.ray_address else "local"
         write_connection(Path(home), f"127.0.0.1:{port}")
         superlink = runner = None
         try:
@@ -160,6 +166,11 @@ def simulate(
     elif runner.returncode != 0:
         raise FedmamlError(f"the Flower run failed (exit {runner.returncode}); see {log_path}")
     return out_dir
+
+
+def federation_size(cfg: RunConfig) -> int:
+    """The simulated SuperNodes a run needs: ⌈(train + held-out clients) / users-per-node⌉."""
+    return -(-(cfg.num_train_clients + cfg.num_heldout_clients) // cfg.users_per_node)
 
 
 def _check_outcome(summary: Path, started: float, log_path: Path) -> None:

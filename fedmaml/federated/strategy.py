@@ -4,10 +4,14 @@ Round t, with θ the global meta-parameters:
 
 1. ``configure_train``: once enough training nodes are connected (a wait bounded by
    ``round-timeout``), the wrapped strategy (FedAvg, FedMedian, FedTrimmedAvg, Krum, optionally
-   inside Flower's central-DP wrapper) samples training nodes and builds the messages around a
-   *zero* reference; each message then carries θ to its client.
+   inside Flower's central-DP wrapper) samples training *participants* (deployed nodes, or in a
+   simulation the federation's training users: :mod:`fedmaml.federated.users`), with Flower's
+   sampling seeded by (seed, round), and builds one message per participant around a *zero*
+   reference; each message then carries θ to its client. In a simulation the messages go out
+   as one message per node listing its users (:mod:`fedmaml.federated.dispatch`).
 2. Clients reply Δ_i = −g_i (their meta-gradient, as an update relative to zero).
-3. ``aggregate_train``: every reply passes its own checks (:mod:`fedmaml.federated.replies`:
+3. ``aggregate_train``: every reply (a simulated node's reply split into one per user) passes
+   its own checks (:mod:`fedmaml.federated.replies`:
    keys, shapes, dtype, finiteness after the cast to θ's dtype, example counts, the update-norm
    bound, which is ``dp-clip`` when set); the server writes each reply's aggregation weight
    itself. The wrapped strategy aggregates the good replies exactly as it aggregates model
@@ -51,6 +55,7 @@ from flwr.serverapp.strategy import Strategy
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import keys
+from fedmaml.federated.dispatch import Dispatch
 from fedmaml.federated.privacy import PrivacyAccount, add_noise
 from fedmaml.federated.records import to_record
 from fedmaml.federated.replies import (
@@ -63,6 +68,7 @@ from fedmaml.federated.replies import (
 from fedmaml.federated.roles import NodeRoles
 from fedmaml.federated.round_log import RoundLog
 from fedmaml.federated.secagg_server import SecureAggregation, SecureRoundFailed, SecureSum
+from fedmaml.federated.users import seeded_sampling
 from fedmaml.meta.outer import MetaOptimizer
 from fedmaml.meta.params import Params
 from fedmaml.rundir.recorder import RunRecorder
@@ -72,8 +78,9 @@ MAX_STARVED_ROUNDS = 3
 
 
 class _TrainingNodes:
-    """A view of the Grid whose connected nodes are the training nodes found for this round:
-    the wrapped strategy samples among them, and never waits (the waiting was done, bounded)."""
+    """A view of the Grid whose connected nodes are the training participants found for this
+    round: the wrapped strategy samples among them, and never waits (the waiting was done,
+    bounded)."""
 
     def __init__(self, grid: Grid, nodes: list[int]) -> None:
         self._grid, self._nodes = grid, nodes
@@ -126,6 +133,7 @@ class MetaStrategy(Strategy):
         self._eval_nodes: dict[str, list[int]] = {}
         self._rng = random.Random(cfg.seed)
         self.log = RoundLog(recorder, self.roles, timeout)
+        self.dispatch = Dispatch(self.roles, self.log)
         self._starved = 0
 
     def meta_round(self, server_round: int) -> int:
@@ -153,6 +161,7 @@ class MetaStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self.log.timing.start(grid)
         meta_round = self.meta_round(server_round)
         nodes = self.roles.wait_for_training(grid, meta_round, self.cfg.min_train_nodes)
         if len(nodes) < self.cfg.min_train_nodes:
@@ -161,25 +170,27 @@ class MetaStrategy(Strategy):
             return []
         self._starved = 0
         round_config = ConfigRecord({**dict(config), keys.META_ROUND: meta_round})
-        messages = list(
-            self.aggregator.configure_train(
-                server_round,
-                self._zero,
-                round_config,
-                _TrainingNodes(grid, nodes),  # type: ignore[arg-type]
+        with seeded_sampling(self.cfg.seed, meta_round):
+            messages = list(
+                self.aggregator.configure_train(
+                    server_round,
+                    self._zero,
+                    round_config,
+                    _TrainingNodes(grid, nodes),  # type: ignore[arg-type]
+                )
             )
-        )
         for message in messages:
             message.content[keys.ARRAYS] = arrays
         self._sample = (len(messages), len(nodes))
         if self.account is not None:
             self.account.check_budget(meta_round, *self._sample)
-        self.log.asked["train"] = [m.metadata.dst_node_id for m in messages]
         self.recorder.round_values(meta_round, sampled=len(messages))
-        if self.secure is not None:
-            self._secure_sum = self._secure_round(grid, messages, meta_round)
+        out = self.dispatch.out("train", messages, grid.get_node_ids())
+        self.log.timing.configured()
+        if self.secure is not None:  # secure aggregation: one user per node, out == messages
+            self._secure_sum = self._secure_round(grid, out, meta_round)
             return []
-        return messages
+        return out
 
     def _secure_round(
         self, grid: Grid, messages: list[Message], meta_round: int
@@ -210,8 +221,10 @@ class MetaStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         meta_round = self.meta_round(server_round)
+        self.log.timing.replied()
         if self.secure is not None:
             return self._aggregate_secure(meta_round), None
+        replies = self.dispatch.back("train", replies, (keys.ARRAYS, keys.METRICS))
         messages: dict[int, Message] = {}
         updates: dict[int, TrainUpdate] = {}
         problems: dict[int, str] = {}
@@ -355,8 +368,8 @@ class MetaStrategy(Strategy):
             return []
         meta_round = self.meta_round(server_round)
         self.roles.refresh(grid, meta_round)
-        connected = set(grid.get_node_ids())
-        nodes = [n for n in self._evaluation_nodes() if n in connected]
+        available = {n for role in keys.ROLES for n in self.roles.participants(role, grid)}
+        nodes = [n for n in self._evaluation_nodes() if n in available]
         record = RecordDict(
             {
                 keys.ARRAYS: arrays,
@@ -369,14 +382,16 @@ class MetaStrategy(Strategy):
                 ),
             }
         )
-        self.log.asked["evaluate"] = nodes
-        return [Message(record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+        messages = [
+            Message(record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes
+        ]
+        return self.dispatch.out("evaluate", messages, grid.get_node_ids())
 
     def _evaluation_nodes(self) -> list[int]:
         """A fixed, seeded sample of up to eval-clients training and held-out nodes."""
         for role in keys.ROLES:
             if not self._eval_nodes.get(role):
-                nodes = self.roles.nodes(role)
+                nodes = self.roles.participants(role)
                 self._eval_nodes[role] = sorted(
                     self._rng.sample(nodes, min(self.cfg.eval_clients, len(nodes)))
                 )
@@ -386,6 +401,7 @@ class MetaStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         meta_round = self.meta_round(server_round)
+        replies = self.dispatch.back("evaluate", replies, (keys.METRICS,))
         summary = self.log.per_group(meta_round, "evaluate", replies)
         if not summary:
             return None
@@ -399,12 +415,15 @@ class MetaStrategy(Strategy):
         meta_round = self.meta_round(self.num_rounds)
         self.roles.refresh(grid, meta_round)
         record = RecordDict({keys.ARRAYS: arrays})
-        nodes = sorted(self.roles.info)
+        nodes = sorted(self.roles.participants("train") + self.roles.participants("heldout"))
         messages = [
             Message(record, dst_node_id=n, message_type=keys.PERSONALIZE_TYPE) for n in nodes
         ]
-        self.log.asked["personalize"] = nodes
-        replies = grid.send_and_receive(messages, timeout=self.roles.timeout)
+        replies = grid.send_and_receive(
+            self.dispatch.out("personalize", messages, grid.get_node_ids()),
+            timeout=self.roles.timeout,
+        )
+        replies = self.dispatch.back("personalize", replies, (keys.METRICS,))
         summary = self.log.per_group(meta_round, "personalize", replies)
         self.recorder.flush()
         return summary

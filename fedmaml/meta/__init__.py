@@ -5,7 +5,8 @@
 Modules: ``algorithms`` (one per algorithm, and the registry of their names), ``batch`` (the
 episode batches algorithms are written against), ``engines`` (loop or vmap, and the choice),
 ``inner`` (the inner loop), ``adapted`` (which parameters adapt), ``gradient`` (``adapt``,
-``meta_gradient``), ``evaluate`` (adaptation curves), ``outer`` (the meta-optimizer),
+``meta_gradient``, and ``meta_gradients`` of many users at once), ``evaluate`` (adaptation
+curves), ``outer`` (the meta-optimizer),
 ``params``, ``validate`` and ``inputs`` (the core's edge).
 
 Importing this package is cheap: its names load torch on first use, so that light paths (the
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from fedmaml.meta.algorithms import ALGORITHMS
     from fedmaml.meta.engines import prefers_vmap
     from fedmaml.meta.evaluate import adaptation_curve, adaptation_curves, mean_curve
-    from fedmaml.meta.gradient import adapt, meta_gradient
+    from fedmaml.meta.gradient import adapt, meta_gradient, meta_gradients
     from fedmaml.meta.params import (
         INNER_LR_PREFIX,
         Params,
@@ -41,6 +42,7 @@ _HOMES = {
     "head_names": "fedmaml.meta.adapted",
     "mean_curve": "fedmaml.meta.evaluate",
     "meta_gradient": "fedmaml.meta.gradient",
+    "meta_gradients": "fedmaml.meta.gradient",
     "model_params": "fedmaml.meta.params",
     "prefers_vmap": "fedmaml.meta.engines",
     "split_inner_lrs": "fedmaml.meta.params",
@@ -68,6 +70,7 @@ __all__ = [
     "head_names",
     "mean_curve",
     "meta_gradient",
+    "meta_gradients",
     "model_params",
     "prefers_vmap",
     "split_inner_lrs",

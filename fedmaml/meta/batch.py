@@ -12,6 +12,8 @@ and runs unchanged on both engines:
   ``vmap(torch.func.grad(...))`` (``benchmarks/README.md``); and differentiating a vmapped
   ``torch.func.grad`` from outside returns wrong second-order gradients through BatchNorm,
   LayerNorm and InstanceNorm in torch 2.13.
+* :class:`PerEpisodeStack`: the same with one copy θ_i of θ per episode, so that the result
+  keeps every episode's own meta-gradient (many users' meta-gradients in one batch).
 
 Per-episode quantities (θ_i, θ'_i, ∇L(θ'_i)) carry the episode dimension on the vmap engine;
 shared ones (θ, and gradients with respect to θ) never do. The operations:
@@ -32,6 +34,7 @@ The recorded metrics hold ``loss_after`` (and ``accuracy_after`` for integer lab
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,6 +77,8 @@ class EpisodeBatch(ABC):
     """The episodes an algorithm works on, and the operations it may use (module docstring)."""
 
     batched: ClassVar[bool]
+    #: θ holds one copy per episode along a first dimension (:class:`PerEpisodeStack`)
+    theta_per_episode: ClassVar[bool] = False
 
     def __init__(self, settings: Settings, theta: Params, support: Pair, query: Pair) -> None:
         self.settings = settings
@@ -129,9 +134,9 @@ class EpisodeBatch(ABC):
         s = self.settings
         return task_loss(s.model, params, s.buffers, x, y, s.loss_fn)
 
-    def _query_row(self, fast: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Row]:
-        """One episode's L_Q(θ') and its metrics at θ' (and at θ)."""
-        before = self._at(self.theta, x, y) if self.settings.metrics_before else None
+    def _query_row(self, fast: Params, x: Tensor, y: Tensor, theta: Params) -> tuple[Tensor, Row]:
+        """One episode's L_Q(θ') and its metrics at θ' (and at its θ)."""
+        before = self._at(theta, x, y) if self.settings.metrics_before else None
         after = self._loss(fast, x, y)
         return after[0], metric_row(before, after, y)
 
@@ -199,12 +204,12 @@ class Episode(EpisodeBatch):
         return (x[0::2], y[0::2]), (x[1::2], y[1::2])
 
     def query_loss(self, fast: Params) -> Tensor:
-        loss, self.metrics = self._query_row(fast, *self.query)
+        loss, self.metrics = self._query_row(fast, *self.query, self.theta)
         return loss
 
     def observe(self, fast: Params) -> None:
         with torch.no_grad():
-            _, self.metrics = self._query_row(fast, *self.query)
+            _, self.metrics = self._query_row(fast, *self.query, self.theta)
 
     def evaluate(self, fast: Params) -> Row:
         with torch.no_grad():
@@ -247,16 +252,57 @@ class StackedEpisodes(EpisodeBatch):
         return (x[:, 0::2], y[:, 0::2]), (x[:, 1::2], y[:, 1::2])
 
     def query_loss(self, fast: Params) -> Tensor:
-        losses, self.metrics = torch.vmap(self._query_row)(fast, *self.query)
+        losses, self.metrics = self._rows(fast)
         return losses.sum()
 
     def observe(self, fast: Params) -> None:
         with torch.no_grad():
-            _, self.metrics = torch.vmap(self._query_row)(fast, *self.query)
+            _, self.metrics = self._rows(fast)
+
+    def _rows(self, fast: Params) -> tuple[Tensor, Row]:
+        """Every episode's query loss and metrics (θ is shared, or per episode)."""
+        theta_dim = 0 if self.theta_per_episode else None
+        rows = torch.vmap(self._query_row, in_dims=(0, 0, 0, theta_dim))
+        return rows(fast, *self.query, self.theta)
 
     def evaluate(self, fast: Params) -> Row:
         with torch.no_grad():
             return torch.vmap(self._evaluate_one)(fast, *self.query)
+
+
+class PerEpisodeStack(StackedEpisodes):
+    """Episodes stacked as in :class:`StackedEpisodes`, but each with its own copy θ_i of θ
+    (and of learned step sizes α_i), so that an algorithm's result holds every episode's own
+    meta-gradient along the first dimension instead of their mean: ``mean`` keeps the episodes
+    apart and ``n`` is 1, so an algorithm's 1/n Σ_i becomes the per-episode term, and
+    ∂(Σ_j L_j)/∂θ_i = ∇_θ L_i. The caller takes the means it needs (one per user:
+    :func:`fedmaml.meta.gradient.meta_gradients`)."""
+
+    theta_per_episode = True
+
+    def __init__(
+        self, settings: Settings, theta: Params, supports: list[Pair], queries: list[Pair]
+    ) -> None:
+        n = len(supports)
+        lr = settings.inner_lr
+        if isinstance(lr, dict):
+            settings = dataclasses.replace(settings, inner_lr=_copies(lr, n))
+        super().__init__(settings, _copies(theta, n), supports, queries)
+
+    @property
+    def n(self) -> int:
+        return 1
+
+    def expand(self, params: Params) -> Params:
+        return params  # one copy per episode already
+
+    def mean(self, per_episode: Params) -> Params:
+        return per_episode
+
+
+def _copies(params: Params, n: int) -> Params:
+    """n copies of every tensor along a new first dimension (real copies: each its own leaf)."""
+    return {k: v.expand(n, *v.shape).clone() for k, v in params.items()}
 
 
 def metrics_of(loss: Tensor, out: Tensor, y: Tensor, suffix: str) -> Row:

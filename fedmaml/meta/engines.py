@@ -19,7 +19,15 @@ from torch import Tensor, nn
 
 from fedmaml.errors import FedmamlError
 from fedmaml.meta.algorithms.base import Algorithm
-from fedmaml.meta.batch import Episode, Pair, Row, Settings, StackedEpisodes, detached
+from fedmaml.meta.batch import (
+    Episode,
+    Pair,
+    PerEpisodeStack,
+    Row,
+    Settings,
+    StackedEpisodes,
+    detached,
+)
 from fedmaml.meta.params import Params
 
 Engine = Callable[
@@ -58,6 +66,20 @@ def vmap_engine(
     batch = StackedEpisodes(settings, detached(theta), supports, queries)
     grads = algorithm.meta_gradient(batch)
     return grads, summarise([_recorded(batch.metrics, algorithm)], queries)
+
+
+def per_episode_engine(
+    algorithm: Algorithm,
+    settings: Settings,
+    theta: Params,
+    supports: list[Pair],
+    queries: list[Pair],
+) -> tuple[Params, Row]:
+    """Every episode's own meta-gradient (stacked along the first dimension) and metric rows,
+    all episodes at once under ``torch.vmap`` (:class:`~fedmaml.meta.batch.PerEpisodeStack`)."""
+    batch = PerEpisodeStack(settings, detached(theta), supports, queries)
+    grads = algorithm.meta_gradient(batch)
+    return {k: v.detach() for k, v in grads.items()}, _recorded(batch.metrics, algorithm)
 
 
 def choose_engine(

@@ -1,7 +1,11 @@
 """The trivial ServerApp: Flower's FedAvg for ``num-rounds`` rounds over zero arrays of
 ``array-shapes``; the wall-clock time at the end of each round (and of the initial evaluation,
-round 0) is appended to ``timings-path`` as ``round seconds-since-epoch``."""
+round 0) is appended to ``timings-path`` as ``round seconds-since-epoch``. With
+``exchanges-path`` set, every ``send_and_receive`` (Flower's own, with its fixed polling) is
+also recorded there as one JSON line: when it began, how many messages it sent and replies it
+got, the first and last reply's creation time on its node, and when it returned."""
 
+import json
 import time
 from pathlib import Path
 
@@ -18,9 +22,39 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
     return [tuple(int(d) for d in item.split("x")) for item in text.split(",")]
 
 
+class RecordingGrid:
+    """Flower's grid, with each ``send_and_receive`` timed (nothing else changes)."""
+
+    def __init__(self, grid: Grid, path: Path) -> None:
+        self.grid, self.path = grid, path
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        begin = time.time()
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        end = time.time()
+        created = [m.metadata.created_at for m in replies]
+        record = {
+            "begin": begin,
+            "sent": len(messages),
+            "received": len(replies),
+            "first_created": min(created, default=0.0),
+            "last_created": max(created, default=0.0),
+            "end": end,
+        }
+        with open(self.path, "a") as out:
+            out.write(json.dumps(record) + "\n")
+        return replies
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
+    if str(cfg.get("exchanges-path", "")):
+        grid = RecordingGrid(grid, Path(str(cfg["exchanges-path"])))  # type: ignore[assignment]
     arrays = ArrayRecord(
         {
             f"a{i}": Array(np.zeros(shape, dtype=np.float32))

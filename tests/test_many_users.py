@@ -1,0 +1,244 @@
+"""Many users per node: the server samples users, each node gets one message listing its
+users and replies each user's update separately; every user's reply passes the checks a
+node's reply passes, and the aggregation strategy acts on users.
+
+The equivalence test runs real Flower simulations, one user per node and three users per
+node, and checks both against θ computed here, in this process, from the users the runs
+sampled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg, FedMedian
+
+from fedmaml.checkpoint import load_checkpoint
+from fedmaml.config import RunConfig
+from fedmaml.federated import keys
+from fedmaml.federated.records import from_record, to_record
+from fedmaml.federated.simulation import simulate
+from fedmaml.federated.strategy import MetaStrategy
+from fedmaml.federated.users import Population, User, route
+from fedmaml.meta.outer import MetaOptimizer
+from fedmaml.problem import Problem
+from fedmaml.rundir.recorder import RunRecorder
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture()
+def server_task_identity():
+    """Messages are created inside a ServerApp process, whose run and node ids Flower sets."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+# --------------------------------------------------------------------------- the population
+
+
+def test_the_population_holds_num_nodes_times_users_per_node_slots():
+    cfg = RunConfig(num_train_clients=6, num_heldout_clients=3, users_per_node=4)
+    whole = Population.of(cfg, num_nodes=3)
+    assert (whole.count("train"), whole.count("heldout")) == (6, 3)
+    assert whole.ids("train") == [1, 2, 3, 4, 5, 6] and whole.ids("heldout") == [7, 8, 9]
+    assert [whole.user_of(i) for i in (1, 6, 7, 9)] == [
+        User("train", 0),
+        User("train", 5),
+        User("heldout", 0),
+        User("heldout", 2),
+    ]
+    assert all(whole.id_of(whole.user_of(i)) == i for i in range(1, 10))
+    small = Population.of(cfg, num_nodes=2)  # 8 slots: every training user, 2 held-out
+    assert (small.count("train"), small.count("heldout")) == (6, 2)
+    tiny = Population.of(cfg.replace(users_per_node=1), num_nodes=2)
+    assert (tiny.count("train"), tiny.count("heldout")) == (2, 0)
+
+
+def test_users_are_dealt_round_robin_over_the_sorted_nodes():
+    assert route([5, 1, 3, 2, 4], [30, 10, 20]) == {10: [1, 4], 20: [2, 5], 30: [3]}
+    assert route([7], [30, 10]) == {10: [7]}
+
+
+def test_a_user_key_that_names_no_user_is_one_clear_error():
+    assert User.parse("heldout-12") == User("heldout", 12)
+    for bad in ("boss-1", "train-", "train-x", "", "train-1-"):
+        with pytest.raises(Exception, match="does not name a user"):
+            User.parse(bad)
+
+
+# --------------------------------------------------------------------------- the server side
+
+THETA = {"w": torch.tensor([[1.0, -2.0], [0.5, 3.0]]), "b": torch.tensor([0.25, -0.75])}
+
+
+def grads_like(scale: float) -> dict[str, torch.Tensor]:
+    return {
+        k: torch.full_like(v, scale) + 0.1 * torch.arange(v.numel()).reshape(v.shape)
+        for k, v in THETA.items()
+    }
+
+
+def strategy_over_users(tmp_path, aggregator) -> MetaStrategy:
+    cfg = RunConfig(
+        num_train_clients=4,
+        num_heldout_clients=0,
+        min_train_nodes=2,
+        meta_optimizer="sgd",
+        meta_lr=1.0,
+        users_per_node=2,
+        out_dir=str(tmp_path),
+    )
+    strategy = MetaStrategy(
+        aggregator,
+        MetaOptimizer(THETA, "sgd", 1.0),
+        cfg,
+        RunRecorder(tmp_path, cfg.to_mapping()),
+        num_rounds=1,
+    )
+    strategy.roles.population = Population.of(cfg, num_nodes=2)
+    return strategy
+
+
+def many_users_reply(sent: Message, per_user: dict[str, object]) -> Message:
+    """A node's reply in the many-users format: each user's update, or its error line."""
+    content = RecordDict()
+    errors = {}
+    for user, grads in per_user.items():
+        if isinstance(grads, str):
+            errors[user] = grads
+            continue
+        content[keys.user_record(keys.ARRAYS, user)] = to_record({k: -g for k, g in grads.items()})
+        content[keys.user_record(keys.METRICS, user)] = MetricRecord(
+            {keys.NUM_EXAMPLES: 10, "loss-before": 2.0, "loss-after": 1.0}
+        )
+    content[keys.USER_ERRORS] = ConfigRecord(errors)
+    content[keys.USER_NAMES] = ConfigRecord({u: f"data-{u}" for u in per_user})
+    return Message(content, reply_to=sent)
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_each_users_reply_is_checked_and_aggregated_as_a_nodes_would_be(tmp_path):
+    strategy = strategy_over_users(tmp_path, FedAvg(weighted_by_key=keys.WEIGHT))
+    config = ConfigRecord({keys.META_ROUND: 1})
+    per_user = [
+        Message(RecordDict({keys.CONFIG: config}), dst_node_id=p, message_type=MessageType.TRAIN)
+        for p in (1, 2, 3, 4)
+    ]
+    sent = strategy.dispatch.out("train", per_user, [12, 11])
+    assert sorted(m.metadata.dst_node_id for m in sent) == [11, 12]
+    listed = {m.metadata.dst_node_id: list(m.content[keys.CONFIG][keys.USERS]) for m in sent}
+    assert listed == {11: ["train-0", "train-2"], 12: ["train-1", "train-3"]}
+    assert all(m.content[keys.CONFIG][keys.META_ROUND] == 1 for m in sent)
+    g0, g1, g2 = grads_like(1.0), grads_like(-2.0), grads_like(0.5)
+    nan = {k: torch.full_like(v, float("nan")) for k, v in THETA.items()}
+    node11, node12 = sorted(sent, key=lambda m: m.metadata.dst_node_id)
+    replies = [
+        many_users_reply(node11, {"train-0": g0, "train-2": g2}),
+        many_users_reply(node12, {"train-1": g1, "train-3": nan}),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    new = from_record(arrays)
+    for k in THETA:
+        torch.testing.assert_close(new[k], THETA[k] - (g0[k] + g1[k] + g2[k]) / 3)
+    rows = {r["client"]: r for r in strategy.recorder.clients if r["phase"] == "train"}
+    assert rows[3]["status"] == "failed" and "NaN or Inf" in rows[3]["reason"]
+    assert rows[3]["node_id"] == 12 and rows[2]["node_id"] == 11
+    assert rows[0]["client_id"] == "data-train-0" and rows[0]["status"] == "ok"
+    assert strategy.recorder.rounds[1]["ok"] == 3 and strategy.recorder.rounds[1]["failed"] == 1
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_a_robust_aggregator_acts_on_users_not_on_nodes(tmp_path):
+    """Two users on one node, one outlier user on the other: the median is over the users."""
+    strategy = strategy_over_users(tmp_path, FedMedian(weighted_by_key=keys.WEIGHT))
+    per_user = [
+        Message(RecordDict({}), dst_node_id=p, message_type=MessageType.TRAIN) for p in (1, 2, 3)
+    ]
+    node11, node12 = sorted(
+        strategy.dispatch.out("train", per_user, [11, 12]), key=lambda m: m.metadata.dst_node_id
+    )
+    gs = {"train-0": grads_like(1.0), "train-1": grads_like(100.0), "train-2": grads_like(2.0)}
+    replies = [
+        many_users_reply(node11, {"train-0": gs["train-0"], "train-2": gs["train-2"]}),
+        many_users_reply(node12, {"train-1": gs["train-1"]}),
+    ]
+    new = from_record(strategy.aggregate_train(1, replies)[0])
+    for k in THETA:
+        median = torch.from_numpy(np.median(np.stack([g[k].numpy() for g in gs.values()]), 0))
+        torch.testing.assert_close(new[k], THETA[k] - median)
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_a_node_that_fails_as_a_whole_fails_each_of_its_users(tmp_path):
+    from flwr.app import Error
+
+    strategy = strategy_over_users(tmp_path, FedAvg(weighted_by_key=keys.WEIGHT))
+    per_user = [
+        Message(RecordDict({}), dst_node_id=p, message_type=MessageType.TRAIN) for p in (1, 2, 3)
+    ]
+    node11, node12 = sorted(
+        strategy.dispatch.out("train", per_user, [11, 12]), key=lambda m: m.metadata.dst_node_id
+    )
+    g0, g2 = grads_like(1.0), grads_like(3.0)
+    replies = [
+        many_users_reply(node11, {"train-0": g0, "train-2": g2}),
+        Message(Error(code=0, reason="MemoryError on the node"), reply_to=node12),
+    ]
+    new = from_record(strategy.aggregate_train(1, replies)[0])
+    for k in THETA:
+        torch.testing.assert_close(new[k], THETA[k] - (g0[k] + g2[k]) / 2)
+    failed = [r for r in strategy.recorder.clients if r["status"] == "failed"]
+    assert [r["client"] for r in failed] == [1] and "MemoryError" in failed[0]["reason"]
+
+
+# --------------------------------------------------------------------------- real simulations
+
+
+def test_three_users_per_node_move_theta_exactly_as_one_node_per_user(tmp_path):
+    """The same users are sampled, and θ moves the same (to float32 rounding), with 1 or 3
+    users per node; both equal θ computed here from the users the runs sampled."""
+    base = RunConfig(
+        num_train_clients=6,
+        num_heldout_clients=1,
+        fraction_train=0.5,
+        min_train_nodes=2,
+        num_rounds=2,
+        eval_every=100,
+        eval_clients=1,
+        meta_optimizer="sgd",
+        meta_lr=0.1,
+    )
+    runs = {}
+    for per_node in (1, 3):
+        cfg = base.replace(users_per_node=per_node, out_dir=str(tmp_path / f"u{per_node}"))
+        out = simulate(cfg)
+        clients = pd.read_csv(out / "clients.csv")
+        train = clients[clients["phase"] == "train"]
+        assert (train["status"] == "ok").all()
+        sampled = {r: sorted(g["client"]) for r, g in train.groupby("round")}
+        nodes = train["node_id"].nunique()
+        runs[per_node] = (load_checkpoint(out / "checkpoint.pt").params, sampled, nodes)
+    (theta1, sampled1, nodes1), (theta3, sampled3, nodes3) = runs[1], runs[3]
+    assert sampled1 == sampled3 and all(len(s) == 3 for s in sampled1.values())
+    assert nodes1 >= 3 and nodes3 <= 3  # one user per node, and users batched on 3 nodes
+    for k in theta1:
+        torch.testing.assert_close(theta3[k], theta1[k], rtol=1e-5, atol=1e-7)
+    # independent: the sampled users' mean meta-gradients, step by step, in this process
+    work = Problem.from_config(base)
+    theta = work.initial_params()
+    for meta_round in (1, 2):
+        grads = [
+            work.client_meta_gradient(theta, work.source.client(i), i, meta_round)[0]
+            for i in sampled1[meta_round]
+        ]
+        theta = {k: v - 0.1 * torch.stack([g[k] for g in grads]).mean(0) for k, v in theta.items()}
+    for k in theta:
+        torch.testing.assert_close(theta1[k], theta[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(theta3[k], theta[k], rtol=1e-5, atol=1e-6)
