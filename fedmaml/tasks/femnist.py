@@ -15,9 +15,10 @@ Two inputs give the same writers (:class:`Pools` per writer id):
   are inverted when their median grey level is bright (white background).
 
 Images become x = ink = 1 - grey, shape [1, 28, 28], labels y long in 0..61 (digits, A-Z, a-z).
-Writers that cannot give the requested episodes are skipped (count logged); of the rest,
-``num_heldout_clients`` are held out as unseen clients (seeded, see
-:func:`~fedmaml.tasks.partition.split_clients`).
+Writers that cannot give the requested episodes are skipped (count logged, reasons in
+``FemnistSource.dropped``) *before* the client counts are checked; of the rest,
+``num_heldout_clients`` are held out as unseen (test) clients and ``num_val_clients`` kept for
+validation (seeded, see :func:`~fedmaml.tasks.partition.split_groups`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from torch import Tensor
 
 from fedmaml.errors import FedmamlError
 from fedmaml.tasks.episodes import ClientData, EpisodeSpec
-from fedmaml.tasks.partition import holdout_split, keep_usable, split_clients
+from fedmaml.tasks.partition import holdout_split, keep_usable, split_groups
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -238,27 +239,31 @@ class FemnistSource:
         seed: int = 0,
         num_train_clients: int | None = None,
         num_heldout_clients: int = 0,
+        num_val_clients: int = 0,
         spec: EpisodeSpec | None = None,
         name: str = "femnist",
     ) -> None:
         if not writers:
             raise FedmamlError(f"{name}: no writers")
         self.name, self.spec, self._writers = name, spec, dict(writers)
+        #: writers too small for the episodes, with the reason, dropped before the counts
+        self.dropped: dict[str, str] = {}
         usable = keep_usable(
             sorted(self._writers),
             lambda w: (self._writers[w].y, self._writers[w].y_test),
             spec,
             "writers",
+            self.dropped,
         )
-        train, held = split_clients(
+        self._ids = split_groups(
             usable,
             num_heldout_clients,
             seed,
             num_train_clients,
+            num_val=num_val_clients,
             what="writers",
-            skipped=len(self._writers) - len(usable),
+            skipped=len(self.dropped),
         )
-        self._ids = {"train": train, "heldout": held}
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str], **kwargs: Any) -> FemnistSource:
@@ -298,5 +303,5 @@ class FemnistSource:
 
     def _split(self, split: str) -> list[str]:
         if split not in self._ids:
-            raise FedmamlError(f"unknown split {split!r}; use 'train' or 'heldout'")
+            raise FedmamlError(f"unknown split {split!r}; use 'train', 'val' or 'heldout'")
         return self._ids[split]
