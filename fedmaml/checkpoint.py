@@ -1,4 +1,7 @@
-"""Checkpoints: meta-parameters, meta-optimizer state, model spec, config and round, atomically.
+"""Checkpoints: meta-parameters, meta-optimizer state, model spec, config and round, atomically;
+optionally the input preprocessing the model was trained with (``inputs``) and the
+personalization recipe chosen on validation users at the end of training (``recipe``), both
+plain tables that older checkpoints lack (they load with None).
 
 A checkpoint is a ``torch.save`` of plain dicts, loaded with ``weights_only=True`` (no pickled
 code runs on load). Writing goes to a temporary file in the same folder, then ``os.replace``:
@@ -34,6 +37,10 @@ class Checkpoint:
     config: dict[str, Any] = field(default_factory=dict)
     round: int = 0
     optimizer_state: dict[str, Any] | None = None
+    #: how raw examples become model inputs (:class:`fedmaml.tasks.inputs.InputSpec`)
+    inputs: dict[str, Any] | None = None
+    #: the personalization recipe (:class:`fedmaml.personalize.recipe.Recipe`)
+    recipe: dict[str, Any] | None = None
 
     def build_model(self) -> nn.Module:
         """The architecture this checkpoint was trained with (parameters not loaded)."""
@@ -53,6 +60,9 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         "round": int(ckpt.round),
         "optimizer_state": ckpt.optimizer_state,
     }
+    for key in ("inputs", "recipe"):  # optional: absent from older checkpoints
+        if getattr(ckpt, key) is not None:
+            payload[key] = dict(getattr(ckpt, key))
     atomic_write(path, lambda f: torch.save(payload, f), "wb", fsync=True)
     return path
 
@@ -91,6 +101,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         config=payload["config"],
         round=payload["round"],
         optimizer_state=payload["optimizer_state"],
+        inputs=payload.get("inputs"),
+        recipe=payload.get("recipe"),
     )
 
 
@@ -115,6 +127,9 @@ def _structure_problem(payload: dict[str, Any]) -> str:
     state = payload.get("optimizer_state")
     if state is not None and not isinstance(state, dict):
         return "an optimizer state that is not a table"
+    for key in ("inputs", "recipe"):
+        if payload.get(key) is not None and not isinstance(payload[key], dict):
+            return f"{key} that is not a table"
     try:
         check_model_spec(payload["model"], kwargs)
     except FedmamlError as exc:

@@ -6,8 +6,9 @@
   *update* Δ = −g (g = mean meta-gradient of the local episodes) with metrics. The server's
   aggregation strategy sees Δ relative to a zero reference, exactly as it sees model updates;
 * ``evaluate``: held-out query loss (and accuracy) after 0..eval-steps adaptation steps;
-* ``query.personalize``: adapt the final θ on the client's own data, keep the personalized model
-  on the device (node config ``personalized-path``), reply metrics only.
+* ``query.personalize``: adapt the final θ on the client's own data with the run's
+  personalization recipe when the server sends one, keep the personalized model on the device
+  (node config ``personalized-path``), reply metrics only.
 
 A failing handler replies one plain line (:mod:`fedmaml.federated.client_errors`). Torch and the
 core are imported inside the handlers: a deployed node starts a new process per message, and
@@ -104,6 +105,7 @@ def personalize(msg: Message, context: Context) -> Message:
     from fedmaml.personalize import personalize_client
 
     cfg, identity, client, work = _node(context)
+    recipe = dict(msg.content[keys.CONFIG]) if keys.CONFIG in msg.content else None
     metrics = personalize_client(
         from_record(msg.content[keys.ARRAYS]),
         cfg.model_name,
@@ -112,6 +114,8 @@ def personalize(msg: Message, context: Context) -> Message:
         model_kwargs=work.model_kwargs,
         config=cfg.to_mapping(),
         seed=cfg.seed,
+        recipe=recipe,
+        inputs=work.inputs.to_dict(),
     )
     values = {keys.metric_key(k): float(v) for k, v in metrics.items()}
     return Message(RecordDict({keys.METRICS: MetricRecord(values)}), reply_to=msg)

@@ -315,12 +315,17 @@ class MetaStrategy(Strategy):
         self.recorder.flush()
         return MetricRecord(summary)
 
-    def personalize(self, grid: Grid, arrays: ArrayRecord) -> dict[str, float]:
-        """Send θ to every client for on-device personalization (``query.personalize``); each
-        keeps its model and replies metrics only. Returns their means per group (seen/unseen)."""
+    def personalize(
+        self, grid: Grid, arrays: ArrayRecord, recipe: dict[str, Any] | None = None
+    ) -> dict[str, float]:
+        """Send θ (and the personalization recipe's settings, when there is one) to every
+        client for on-device personalization (``query.personalize``); each keeps its model and
+        replies metrics only. Returns their means per group (seen/unseen)."""
         meta_round = self.meta_round(self.num_rounds)
         self.roles.refresh(grid, meta_round)
         record = RecordDict({keys.ARRAYS: arrays})
+        if recipe:
+            record[keys.CONFIG] = ConfigRecord(dict(recipe))
         nodes = sorted(self.roles.info)
         messages = [
             Message(record, dst_node_id=n, message_type=keys.PERSONALIZE_TYPE) for n in nodes

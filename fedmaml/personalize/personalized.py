@@ -61,6 +61,8 @@ class Personalized:
     columns: dict[str, Any] = field(default_factory=dict)
     source_config: dict[str, Any] = field(default_factory=dict)
     round: int = 0
+    #: how raw examples become model inputs (the checkpoint's; see fedmaml.tasks.inputs)
+    inputs: dict[str, Any] | None = None
 
     @property
     def metric(self) -> str:
@@ -163,6 +165,8 @@ class Personalized:
             "adapted": self.adapted,
             "columns": self.columns,
         }
+        if self.inputs is not None:
+            section["inputs"] = dict(self.inputs)
         ckpt = Checkpoint(
             params=self.params,
             model=self.model_name,
@@ -216,4 +220,5 @@ def _from_section(
         columns=dict(section["columns"]),
         source_config=config,
         round=ckpt.round,
+        inputs=section.get("inputs"),
     )

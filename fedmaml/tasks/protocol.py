@@ -20,6 +20,8 @@ the run directory's record of the split (``clients_split.csv``).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from fedmaml.tasks.episodes import ClientData
@@ -81,3 +83,16 @@ def group_counts(source: TaskSource) -> dict[str, int]:
     counts = {GROUP_NAMES[s]: source.num_clients(s) for s in SPLITS}
     counts["dropped"] = len(getattr(source, "dropped", {}) or {})
     return counts
+
+
+def write_groups(source: TaskSource, path: str | os.PathLike[str]) -> Path:
+    """The run directory's record of the split (:func:`group_table`, sizes included when the
+    clients are split into support and query sets), written atomically as CSV."""
+    import pandas as pd
+
+    from fedmaml.atomic import atomic_path
+
+    rows = group_table(source, sizes=isinstance(source, SupportQuerySource))
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    return Path(path)
