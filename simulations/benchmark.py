@@ -47,7 +47,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from fedmaml.checkpoint import save_checkpoint  # noqa: E402
-from fedmaml.config import RunConfig  # noqa: E402
+from fedmaml.config import RunConfig, column_names  # noqa: E402
 from fedmaml.personalize.recipe import Recipe, fit_recipe  # noqa: E402
 from fedmaml.personalize.run_recipe import (  # noqa: E402
     fit_run_recipe,
@@ -83,7 +83,9 @@ NAMES = {
 BASELINES = ("fedavg", "fedavg-global")
 
 
-def run_method(values: dict, method: str, seed: int, out: Path, local_steps: int) -> None:
+def run_method(
+    values: dict, method: str, seed: int, out: Path, local_steps: int, local_lrs: list[float]
+) -> None:
     """Train (unless ``local``), fit the recipe on the validation clients, measure the test
     clients; write everything into ``out``."""
     algorithm = "fedavg" if method == "local" else method
@@ -105,7 +107,7 @@ def run_method(values: dict, method: str, seed: int, out: Path, local_steps: int
             run_checkpoint(work, params),
             vals,
             max_steps=local_steps,
-            lrs=cfg.recipe_lr_list,
+            lrs=local_lrs,
             adapts=["all"],
             seed=seed,
         )
@@ -186,9 +188,13 @@ def main() -> None:
                                                      "fedavg", "local"])  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--local-steps", type=int, default=50, help="most steps of local training")
+    p.add_argument("--local-steps", type=int, default=30, help="most steps of local training")
+    p.add_argument(
+        "--local-lrs", type=column_names, default=["0.1", "0.3"], help="local training step sizes"
+    )
     p.add_argument("--table-only", action="store_true", help="rebuild the table from the runs")
     p.add_argument("--out", type=Path, help="runs folder (default runs/benchmarks/CONFIG)")
+    p.add_argument("--results", type=Path, help="results folder (default simulations/results)")
     args = p.parse_args()
     torch.set_num_threads(1)
     values = load_config(args.config, args.overrides)
@@ -199,21 +205,23 @@ def main() -> None:
                 out = base / method / f"seed{seed}"
                 if (out / "test_users.csv").is_file():
                     continue
-                run_method(values, method, seed, out, args.local_steps)
+                lrs = [float(r) for r in args.local_lrs]
+                run_method(values, method, seed, out, args.local_steps, lrs)
     df, paired = table(base, args.methods, args.seeds)
-    shown = [m for m in [*args.methods, "fedavg-global"] if (base / m).is_dir()]
+    done = {
+        m: [base / m / f"seed{s}" for s in args.seeds
+            if (base / m / f"seed{s}" / "test_users.csv").is_file()]
+        for m in [*args.methods, "fedavg-global"]
+    }  # fmt: skip
     figures = compare_users(
-        {
-            NAMES.get(m, m): [base / m / f"seed{s}" for s in args.seeds
-                              if (base / m / f"seed{s}" / "test_users.csv").is_file()]
-            for m in shown
-        },
-        HERE / "results",
+        {NAMES.get(m, m): dirs for m, dirs in done.items() if dirs},
+        args.results or HERE / "results",
         stem=args.config,
-    )  # fmt: skip
+    )
     command = " ".join(
         [".venv/bin/python simulations/benchmark.py", args.config, "--seeds",
-         *map(str, args.seeds), "--methods", *args.methods,
+         *map(str, args.seeds), "--methods", *args.methods, "--local-steps",
+         str(args.local_steps), "--local-lrs", ",".join(args.local_lrs),
          *(f"--set {o}" for o in args.overrides)]
     )  # fmt: skip
     cfg = RunConfig.from_mapping({**values, "out-dir": str(base)})
@@ -229,7 +237,7 @@ def main() -> None:
         + "".join(f"![{f.stem}]({f.name})\n" for f in figures)
         + f"\nReproduce (2 shared CPU cores, torch 2.13 CPU, 1 thread): `{command}`\n"
     )
-    (HERE / "results" / f"{args.config}.md").write_text(md)
+    (args.results or HERE / "results").joinpath(f"{args.config}.md").write_text(md)
     print(md)
     if not math.isfinite(float(df["mean"].iloc[0])):
         sys.exit(1)

@@ -120,5 +120,5 @@ def adapt_one(
         columns=dict(columns or {}),
         source_config=g.config,
         round=g.round,
-        inputs=g.inputs_record,
+        inputs=g.inputs.to_dict() if g.inputs is not None else None,
     )

@@ -4,7 +4,7 @@ checkpoint whose config holds a ``personalization`` section."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,9 +116,14 @@ class Personalized:
             out = functional_call(self.model, (self.params, dict(self.model.named_buffers())), x)
         return out.argmax(-1) if self.classification else out.squeeze(-1)
 
-    def predict_table(self, data: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
+    def predict_table(
+        self,
+        data: pd.DataFrame | str | os.PathLike,
+        prepare: Callable[[Tensor, str], Tensor] | None = None,
+    ) -> pd.DataFrame:
         """The table with a ``prediction`` column added, reading the feature columns the model
-        was personalized on (a label column, if present, is ignored)."""
+        was personalized on (a label column, if present, is ignored); ``prepare(x, source)``
+        turns the feature rows into model inputs (an image model's pixel columns)."""
         from fedmaml.tasks.tables import read_table, table_to_tensors
 
         df = data if not isinstance(data, str | os.PathLike) else read_table(data)
@@ -143,6 +148,8 @@ class Personalized:
             classification=False,
             source=str(data) if isinstance(data, str | os.PathLike) else "table",
         )
+        if prepare is not None:
+            x = prepare(x, str(data) if isinstance(data, str | os.PathLike) else "table")
         return df.assign(prediction=self.predict(x).numpy())
 
     def save(self, path: str | os.PathLike) -> Path:
