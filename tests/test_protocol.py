@@ -37,7 +37,7 @@ def test_client_groups_are_disjoint_and_reproducible():
     assert split_groups(ids, 10, seed=4, num_val=10)["val"] != a["val"]  # seeded
     # validation clients come out of the training group: the test group is unchanged
     assert split_groups(ids, 10, seed=3)["heldout"] == a["heldout"]
-    with pytest.raises(FedmamlError, match="num-val-clients=30 .* ask for 120"):
+    with pytest.raises(FedmamlError, match=r"num-val-clients=30 .* ask for 120"):
         split_groups(ids, 10, seed=3, num_train=80, num_val=30)
 
 
