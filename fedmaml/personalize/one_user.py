@@ -60,10 +60,16 @@ def personalize(
             g, user_data, label_column=label_column, feature_columns=feature_columns
         )
         names = list(loaded.users)
-        if len(names) > 1 and user not in loaded.users:
+        if len(names) > 1 and user is None:
             raise FedmamlError(
                 f"{user_data} holds {len(names)} users; personalize one at a time (user=ID, "
                 "--users ID) or use personalize_many"
+            )
+        if len(names) > 1 and user not in loaded.users:
+            shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+            raise FedmamlError(
+                f"no user {user!r} in the data (it holds {len(names)} users: {shown}); give an "
+                "id the data has"
             )
         name = user if user in loaded.users else names[0]
         default = (

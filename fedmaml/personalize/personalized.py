@@ -124,6 +124,8 @@ class Personalized:
         """The table with a ``prediction`` column added, reading the feature columns the model
         was personalized on (a label column, if present, is ignored); ``prepare(x, source)``
         turns the feature rows into model inputs (an image model's pixel columns)."""
+        import pandas as pd
+
         from fedmaml.tasks.tables import read_table, table_to_tensors
 
         df = data if not isinstance(data, str | os.PathLike) else read_table(data)
@@ -142,7 +144,7 @@ class Personalized:
         # the label may be absent when predicting: a placeholder lets tables.py check the features
         placeholder = "__fedmaml_label__"
         x, _ = table_to_tensors(
-            df.assign(**{placeholder: 0.0}),
+            pd.concat([df[features], pd.Series(0.0, index=df.index, name=placeholder)], axis=1),
             label_column=placeholder,
             feature_columns=features,
             classification=False,
@@ -150,7 +152,8 @@ class Personalized:
         )
         if prepare is not None:
             x = prepare(x, str(data) if isinstance(data, str | os.PathLike) else "table")
-        return df.assign(prediction=self.predict(x).numpy())
+        prediction = pd.Series(self.predict(x).numpy(), index=df.index, name="prediction")
+        return pd.concat([df.drop(columns="prediction", errors="ignore"), prediction], axis=1)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write θ'_K, the model spec and the personalization record atomically (a checkpoint

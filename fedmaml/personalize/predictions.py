@@ -100,4 +100,5 @@ def _pixel_table(
     x = torch.tensor(df[pixels].to_numpy(dtype="float32"))
     if not torch.isfinite(x).all():
         raise FedmamlError("the pixel columns contain NaN or Inf; clean the data first")
-    return df.assign(prediction=model.predict(model_inputs(x, spec, "the table")).numpy())
+    prediction = model.predict(model_inputs(x, spec, "the table")).numpy()
+    return pd.concat([df, pd.Series(prediction, index=df.index, name="prediction")], axis=1)
