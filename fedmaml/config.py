@@ -214,6 +214,13 @@ class RunConfig:
                 self.ways,
                 "0 with support-fraction (whole support and query sets keep the data's labels)",
             )
+        if self.support_fraction > 0 and self.aggregation != "uniform":
+            raise _bad(
+                "aggregation",
+                self.aggregation,
+                "uniform with support-fraction (the server cannot bound a client's query count "
+                "when episodes are whole query sets)",
+            )
         if self.num_val_clients and self.task == "local":
             raise _bad(
                 "num_val_clients",
@@ -232,6 +239,15 @@ class RunConfig:
         adapts = column_names(self.recipe_adapt)
         if not adapts or any(a not in ADAPTED for a in adapts):
             raise _bad("recipe_adapt", self.recipe_adapt, "all, head, or all,head")
+
+    @property
+    def max_query_examples(self) -> int:
+        """The most query examples a client's training reply may count: local-episodes ×
+        query-size (× ways); with whole sets (support-fraction) a query set's size is not known
+        in advance, so the count is only checked to be positive (and aggregation is uniform)."""
+        if self.support_fraction > 0:
+            return 2**62
+        return self.local_episodes * self.query_size * max(self.ways, 1)
 
     @property
     def recipe_lr_list(self) -> list[float]:

@@ -25,9 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedmaml.rundir.names import ROUNDS, TEST_USERS
     from fedmaml.rundir.report import compare_runs, report
 
+    several = len(args.run_dir) > 1
     for run_dir in args.run_dir:
+        if several and not (run_dir / ROUNDS).is_file() and (run_dir / TEST_USERS).is_file():
+            continue  # only test users (e.g. a benchmark's run): compared below
         for path in report(run_dir):
             print(path)
     if len(args.run_dir) > 1:

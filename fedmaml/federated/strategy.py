@@ -104,7 +104,7 @@ class MetaStrategy(Strategy):
         self.spec = UpdateSpec(
             shapes={k: tuple(v.shape) for k, v in optimizer.params.items()},
             dtype=np.dtype(str(theta.dtype).removeprefix("torch.")),
-            max_examples=cfg.local_episodes * cfg.query_size * max(cfg.ways, 1),
+            max_examples=cfg.max_query_examples,
         )
         self.bound = NormBound(cfg.max_update_norm)
         self._zero = to_record({k: torch.zeros_like(v) for k, v in optimizer.params.items()})

@@ -138,7 +138,7 @@ def compare_users(
         raise FedmamlError("no runs to compare")
     fig, (ax_gain, ax_steps) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = list(frames)
-    ax_gain.boxplot([frames[n]["gain"] for n in names], vert=False, showfliers=False)
+    ax_gain.boxplot([frames[n]["gain"] for n in names], orientation="horizontal", showfliers=False)
     for i, n in enumerate(names, start=1):
         gains = frames[n]["gain"]
         jitter = [i + 0.15 * (((j * 7919) % 11) / 10 - 0.5) for j in range(len(gains))]
