@@ -66,5 +66,5 @@ def test_summary_and_paired_difference(tmp_path):
     assert d["better"] == pytest.approx(7 / 8) and d["low"] < d["mean"] < d["high"]
     [png] = compare_users({"A": [a0, a1], "B": [b0, b1]}, tmp_path / "out", stem="x")
     assert png.read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(FedmamlError, match="holds no test_users.csv"):
+    with pytest.raises(FedmamlError, match=r"holds no test_users\.csv"):
         user_summary([tmp_path])
