@@ -81,6 +81,8 @@ NAMES = {
     "local": "local only (from scratch)",
 }
 BASELINES = ("fedavg", "fedavg-global")
+#: the global model's row has no steps curve of its own (its at_k are FedAvg's fine-tuning)
+GLOBAL_STEPS = {"fedavg-global": (0,)}
 
 
 def run_method(
@@ -157,7 +159,10 @@ def table(base: Path, methods: list[str], seeds: list[int]) -> tuple[pd.DataFram
     }
     runs = {m: [d for d in dirs if (d / "test_users.csv").is_file()] for m, dirs in runs.items()}
     runs = {m: dirs for m, dirs in runs.items() if dirs}
-    rows = [{"method": NAMES.get(m, m), **user_summary(dirs)} for m, dirs in runs.items()]
+    rows = [
+        {"method": NAMES.get(m, m), **user_summary(dirs, steps=GLOBAL_STEPS.get(m, ()))}
+        for m, dirs in runs.items()
+    ]
     df = pd.DataFrame(rows)
     lines = []
     baselines = [m for m in BASELINES if m in runs]
@@ -214,7 +219,7 @@ def main() -> None:
         for m in [*args.methods, "fedavg-global"]
     }  # fmt: skip
     figures = compare_users(
-        {NAMES.get(m, m): dirs for m, dirs in done.items() if dirs},
+        {NAMES.get(m, m): dirs for m, dirs in done.items() if dirs and m not in GLOBAL_STEPS},
         args.results or HERE / "results",
         stem=args.config,
     )
@@ -237,6 +242,9 @@ def main() -> None:
         + "".join(f"![{f.stem}]({f.name})\n" for f in figures)
         + f"\nReproduce (2 shared CPU cores, torch 2.13 CPU, 1 thread): `{command}`\n"
     )
+    notes = HERE / f"{args.config}.notes.md"  # hand-written reading of the numbers, if any
+    if notes.is_file():
+        md += "\n" + notes.read_text()
     (args.results or HERE / "results").joinpath(f"{args.config}.md").write_text(md)
     print(md)
     if not math.isfinite(float(df["mean"].iloc[0])):
