@@ -24,7 +24,8 @@ validation clients the same way, up to ``--local-steps``).
 
 Each (method, seed) goes to ``runs/benchmarks/<config>/<method>/seed<s>/`` (checkpoint with its
 recipe, recipe.csv, test_users.csv, clients_split.csv, history.csv, timing.json) and is skipped
-when already done. The table (``simulations/results/<config>.md``) pools the test users of all
+when already done; ``--refit`` chooses the recipes again from the trained checkpoints. The
+table (``simulations/results/<config>.md``) pools the test users of all
 seeds: mean with a 95% t-interval, the mean of each seed, percentiles over users, the share of
 users helped and hurt by personalization, the metric after 0..K steps, and each method's paired
 difference against the best FedAvg row.
@@ -46,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from fedmaml.checkpoint import save_checkpoint  # noqa: E402
+from fedmaml.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from fedmaml.config import RunConfig, column_names  # noqa: E402
 from fedmaml.personalize.recipe import Recipe, fit_recipe  # noqa: E402
 from fedmaml.personalize.run_recipe import (  # noqa: E402
@@ -115,6 +116,21 @@ def run_method(
         )
         timing["recipe_s"] = time.monotonic() - t
         horizon = local_steps
+    elif (out / "history.csv").is_file() and (out / CHECKPOINT).is_file():
+        # trained before (e.g. the recipe's grid changed): reuse θ, choose the recipe again
+        ckpt = load_checkpoint(out / CHECKPOINT)
+        trained = (ckpt.config.get("algorithm"), ckpt.config.get("num-rounds"))
+        if trained != (algorithm, cfg.num_rounds):
+            raise SystemExit(f"{out} holds another run's checkpoint; remove it")
+        params = ckpt.params
+        before = (
+            json.loads((out / "timing.json").read_text()) if (out / "timing.json").is_file() else {}
+        )
+        timing["train_s"] = before.get("train_s", math.nan)
+        t = time.monotonic()
+        recipe = fit_run_recipe(work, params)
+        timing["recipe_s"] = time.monotonic() - t
+        horizon = cfg.eval_steps
     else:
         t = time.monotonic()
         result = work.train_centrally(cfg.num_rounds)
@@ -127,6 +143,7 @@ def run_method(
         horizon = cfg.eval_steps
     assert recipe is not None, "the config needs validation clients (num-val-clients)"
     ckpt = run_checkpoint(work, params)
+    ckpt.round = cfg.num_rounds if method != "local" else 0
     ckpt.recipe = recipe.to_dict()
     save_checkpoint(out / CHECKPOINT, ckpt)
     write_candidates(recipe, out / RECIPE)
@@ -198,6 +215,12 @@ def main() -> None:
         "--local-lrs", type=column_names, default=["0.1", "0.3"], help="local training step sizes"
     )
     p.add_argument("--table-only", action="store_true", help="rebuild the table from the runs")
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        help="choose the recipes again (e.g. after changing recipe-lrs) from the trained "
+        "checkpoints, then measure the test users again; runs not trained yet are trained",
+    )
     p.add_argument("--out", type=Path, help="runs folder (default runs/benchmarks/CONFIG)")
     p.add_argument("--results", type=Path, help="results folder (default simulations/results)")
     args = p.parse_args()
@@ -208,7 +231,8 @@ def main() -> None:
         for seed in args.seeds:
             for method in args.methods:
                 out = base / method / f"seed{seed}"
-                if (out / "test_users.csv").is_file():
+                refit = args.refit and method != "local"
+                if (out / "test_users.csv").is_file() and not refit:
                     continue
                 lrs = [float(r) for r in args.local_lrs]
                 run_method(values, method, seed, out, args.local_steps, lrs)
