@@ -1,4 +1,7 @@
-"""Checkpoints: meta-parameters, meta-optimizer state, model spec, config and round, atomically.
+"""Checkpoints: meta-parameters, meta-optimizer state, model spec, config and round, atomically;
+optionally the input preprocessing the model was trained with (``inputs``) and the
+personalization recipe chosen on validation users at the end of training (``recipe``), both
+plain tables that older checkpoints lack (they load with None).
 
 A checkpoint is a ``torch.save`` of plain dicts, loaded with ``weights_only=True`` (no pickled
 code runs on load). Writing goes to a temporary file in the same folder, then ``os.replace``:
@@ -36,6 +39,10 @@ class Checkpoint:
     optimizer_state: dict[str, Any] | None = None
     #: the privacy ledger of a differentially private run (``PrivacyAccount.state_dict``)
     privacy: dict[str, Any] | None = None
+    #: how raw examples become model inputs (:class:`fedmaml.tasks.inputs.InputSpec`)
+    inputs: dict[str, Any] | None = None
+    #: the personalization recipe (:class:`fedmaml.personalize.recipe.Recipe`)
+    recipe: dict[str, Any] | None = None
 
     def build_model(self) -> nn.Module:
         """The architecture this checkpoint was trained with (parameters not loaded)."""
@@ -56,6 +63,9 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         "optimizer_state": ckpt.optimizer_state,
         "privacy": ckpt.privacy,
     }
+    for key in ("inputs", "recipe"):  # optional: absent from older checkpoints
+        if getattr(ckpt, key) is not None:
+            payload[key] = dict(getattr(ckpt, key))
     atomic_write(path, lambda f: torch.save(payload, f), "wb", fsync=True)
     return path
 
@@ -95,6 +105,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         round=payload["round"],
         optimizer_state=payload["optimizer_state"],
         privacy=payload.get("privacy"),
+        inputs=payload.get("inputs"),
+        recipe=payload.get("recipe"),
     )
 
 
@@ -122,6 +134,9 @@ def _structure_problem(payload: dict[str, Any]) -> str:
     privacy = payload.get("privacy")
     if privacy is not None and not isinstance(privacy, dict):
         return "a privacy ledger that is not a table"
+    for key in ("inputs", "recipe"):
+        if payload.get(key) is not None and not isinstance(payload[key], dict):
+            return f"{key} that is not a table"
     try:
         check_model_spec(payload["model"], kwargs)
     except FedmamlError as exc:

@@ -16,7 +16,7 @@ from typing import Any
 
 from fedmaml.errors import FedmamlError
 from fedmaml.meta.algorithms import ALGORITHMS
-from fedmaml.meta.choices import BATCHING, META_OPTIMIZERS
+from fedmaml.meta.choices import ADAPTED, BATCHING, META_OPTIMIZERS
 
 TASKS = ("sine", "omniglot", "femnist", "table", "local")
 AGGREGATIONS = ("uniform", "weighted")
@@ -83,6 +83,11 @@ class RunConfig:
     num_rounds: int = _key(300, "federated rounds (meta-updates)")
     num_train_clients: int = _key(100, "training clients (tasks)")
     num_heldout_clients: int = _key(20, "clients never trained on, for evaluation (unseen users)")
+    num_val_clients: int = _key(
+        0,
+        "validation clients, never trained on: the personalization recipe (steps, step size, "
+        "parameters adapted) is chosen on them at the end of training (0: no recipe)",
+    )
     fraction_train: float = _key(0.1, "share of the training clients sampled per round")
     min_train_nodes: int = _key(2, "valid replies a round needs to update θ")
     aggregation: str = _key(
@@ -118,6 +123,13 @@ class RunConfig:
     support_size: int = _key(10, "support examples per episode (per class when ways > 0)")
     query_size: int = _key(10, "query examples per episode (per class when ways > 0)")
     ways: int = _key(0, "N-way episodes (0: the data's own labels)")
+    support_fraction: float = _key(
+        0.0,
+        "> 0: each client's data is split once, seeded, into a support set (this share) and a "
+        "query set (the rest), and every episode uses both whole; support-size and query-size "
+        "are then the smallest sets a client may have (smaller clients are dropped before the "
+        "counts are checked); 0: episodes of support-size + query-size examples",
+    )
     local_episodes: int = _key(1, "episodes per client per round (their meta-gradients averaged)")
     eval_every: int = _key(50, "evaluate every this many rounds (and at the last)")
     eval_clients: int = _key(20, "clients evaluated per group (seen, unseen)")
@@ -134,6 +146,14 @@ class RunConfig:
         1,
         "users (clients) each simulated node holds and computes in one batch; "
         "fedmaml simulate starts ceil(clients / users-per-node) nodes",
+    )
+    recipe_lrs: str = _key(
+        "",
+        "step sizes the personalization recipe tries, comma-separated (empty: inner-lr times "
+        "1/4, 1/2, 1, 2 and 4, and the learned ones under metasgd)",
+    )
+    recipe_adapt: str = _key(
+        "all,head", "parameters the recipe tries adapting: all, head (the last layer), or both"
     )
 
     def __post_init__(self) -> None:
@@ -160,7 +180,7 @@ class RunConfig:
         ):
             if getattr(self, name) < 1:
                 raise _bad(name, getattr(self, name), "an integer >= 1")
-        for name in ("num_heldout_clients", "ways", "seed", "num_classes"):
+        for name in ("num_heldout_clients", "num_val_clients", "ways", "seed", "num_classes"):
             if getattr(self, name) < 0:
                 raise _bad(name, getattr(self, name), "an integer >= 0")
         if self.ways == 1:
@@ -204,6 +224,7 @@ class RunConfig:
                 'iid, or user-column = "" (rows are partitioned only when the table names no '
                 "users; with a user column every user is one client)",
             )
+        self._check_protocol()
         if self.task not in ("sine", "local") and not self.data_path:
             raise _bad("data_path", "", f"the path of the {self.task} data")
         self._check_local()
@@ -286,6 +307,62 @@ class RunConfig:
                 f"an integer in 2..{top}: the sum of {m} clients' quantized coordinates must "
                 "stay below 2^32, the masking modulus",
             )
+
+    def _check_protocol(self) -> None:
+        """The evaluation protocol's keys: the support fraction, validation clients, and the
+        recipe's step sizes and adapted parameters."""
+        if not 0 <= self.support_fraction < 1:  # NaN fails too
+            raise _bad("support_fraction", self.support_fraction, "0 (off) or a share in (0, 1)")
+        if self.support_fraction > 0 and self.ways:
+            raise _bad(
+                "ways",
+                self.ways,
+                "0 with support-fraction (whole support and query sets keep the data's labels)",
+            )
+        if self.support_fraction > 0 and self.aggregation != "uniform":
+            raise _bad(
+                "aggregation",
+                self.aggregation,
+                "uniform with support-fraction (the server cannot bound a client's query count "
+                "when episodes are whole query sets)",
+            )
+        if self.num_val_clients and self.task == "local":
+            raise _bad(
+                "num_val_clients",
+                self.num_val_clients,
+                "0 for task local (the server holds no data to choose a recipe on)",
+            )
+        for text in column_names(self.recipe_lrs):
+            try:
+                rate = float(text)
+            except ValueError:
+                rate = float("nan")
+            if not (math.isfinite(rate) and rate > 0):
+                raise _bad(
+                    "recipe_lrs", self.recipe_lrs, "comma-separated numbers > 0, e.g. 0.01,0.05"
+                )
+        adapts = column_names(self.recipe_adapt)
+        if not adapts or any(a not in ADAPTED for a in adapts):
+            raise _bad("recipe_adapt", self.recipe_adapt, "all, head, or all,head")
+
+    @property
+    def max_query_examples(self) -> int:
+        """The most query examples a client's training reply may count: local-episodes ×
+        query-size (× ways); with whole sets (support-fraction) a query set's size is not known
+        in advance, so the count is only checked to be positive (and aggregation is uniform)."""
+        if self.support_fraction > 0:
+            return 2**62
+        return self.local_episodes * self.query_size * max(self.ways, 1)
+
+    @property
+    def recipe_lr_list(self) -> list[float]:
+        """``recipe-lrs`` as numbers; empty: inner-lr × 1/4, 1/2, 1, 2, 4."""
+        given = [float(t) for t in column_names(self.recipe_lrs)]
+        return given or [self.inner_lr * f for f in (0.25, 0.5, 1.0, 2.0, 4.0)]
+
+    @property
+    def recipe_adapt_list(self) -> list[str]:
+        return column_names(self.recipe_adapt)
 
     def _check_local(self) -> None:
         """Task ``local``: every node reads its own data, so the run config alone must fix the

@@ -39,6 +39,7 @@ from fedmaml.tasks.episodes import (
     sample_episode,
     training_episodes,
 )
+from fedmaml.tasks.inputs import InputSpec, input_spec
 from fedmaml.tasks.registry import episode_spec, loss_function, open_source
 from fedmaml.tasks.source import TaskSource
 
@@ -67,6 +68,11 @@ class Problem:
     @property
     def model_kwargs(self) -> dict[str, int]:
         return self.source.model_kwargs()
+
+    @property
+    def inputs(self) -> InputSpec:
+        """How raw examples become this run's model inputs (recorded in its checkpoints)."""
+        return input_spec(self.cfg.task, self.model_kwargs, self.cfg.input_dims)
 
     def initial_params(self) -> Params:
         """θ from the seeded model initialisation (∪ α = inner-lr for Meta-SGD)."""

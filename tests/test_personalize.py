@@ -209,7 +209,7 @@ def test_bad_user_data_is_refused(checkpoints):
     with pytest.raises(FedmamlError, match=r"in \(0, 1\)"):
         personalize(ck, (x, y), support_fraction=1.0)
     with pytest.raises(FedmamlError, match="adaptation steps"):
-        personalize(ck, (x, y), steps=0)
+        personalize(ck, (x, y), steps=-1)
     with pytest.raises(FedmamlError, match="diverged"):
         personalize(ck, (x * 1e3, y * 1e6), lr=10.0, steps=5)
 

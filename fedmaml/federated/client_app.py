@@ -9,8 +9,9 @@
   exactly as it sees model updates; under ``secure-aggregation`` the
   :mod:`~fedmaml.federated.secagg_client` mod masks the reply, and the server sees only a sum;
 * ``evaluate``: held-out query loss (and accuracy) after 0..eval-steps adaptation steps;
-* ``query.personalize``: adapt the final θ on the client's own data, keep the personalized model
-  on the device (node config ``personalized-path``), reply metrics only.
+* ``query.personalize``: adapt the final θ on the client's own data with the run's
+  personalization recipe when the server sends one, keep the personalized model on the device
+  (node config ``personalized-path``), reply metrics only.
 
 A message that lists users (a simulation, many users per node) is answered for each of them
 by :mod:`fedmaml.federated.many_users`. A failing handler replies one plain line
@@ -30,7 +31,7 @@ from fedmaml.federated import keys
 from fedmaml.federated.app_logging import through_flower
 from fedmaml.federated.client_errors import one_line_errors
 from fedmaml.federated.many_users import serves_users
-from fedmaml.federated.records import from_record, run_config, to_record
+from fedmaml.federated.records import from_record, run_config, sent_recipe, to_record
 from fedmaml.federated.secagg_client import secure_aggregation_mod
 
 if TYPE_CHECKING:
@@ -128,6 +129,8 @@ def personalize(msg: Message, context: Context) -> Message:
         model_kwargs=work.model_kwargs,
         config=cfg.to_mapping(),
         seed=cfg.seed,
+        recipe=sent_recipe(msg),
+        inputs=work.inputs.to_dict(),
     )
     values = {keys.metric_key(k): float(v) for k, v in metrics.items()}
     return Message(RecordDict({keys.METRICS: MetricRecord(values)}), reply_to=msg)

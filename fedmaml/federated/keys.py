@@ -13,6 +13,8 @@ from flwr.app import MessageType
 ARRAYS = "arrays"  # θ (to a node) or the update Δ = −g (from a node)
 METRICS = "metrics"
 CONFIG = "config"
+#: ConfigRecord of a personalize message: the run's personalization recipe (steps, adapt, lr)
+RECIPE = "recipe"
 DESCRIBE = "describe"
 
 # query message types

@@ -24,7 +24,7 @@ from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import keys
 from fedmaml.federated.client_errors import reason
-from fedmaml.federated.records import from_record, run_config, to_record
+from fedmaml.federated.records import from_record, run_config, sent_recipe, to_record
 from fedmaml.federated.users import User
 
 if TYPE_CHECKING:
@@ -118,6 +118,8 @@ def personalize(msg: Message, context: Context, users: list[User]) -> Message:
                 model_kwargs=work.model_kwargs,
                 config=cfg.to_mapping(),
                 seed=cfg.seed,
+                recipe=sent_recipe(msg),
+                inputs=work.inputs.to_dict(),
             )
         except FedmamlError as exc:
             outcome[user] = exc

@@ -8,9 +8,11 @@ In a run of task ``local`` a deployed node serves its own data (:mod:`fedmaml.ta
 named in its node config: ``data-path`` (a file or folder on the device), and optionally
 ``data-format`` (csv, parquet, npz, leaf, images; inferred from the path), ``label-column`` and
 ``feature-columns`` (tables; default: the run config's), ``user`` (a LEAF file with several
-users), ``heldout-fraction`` (0.2) and ``cache-dir`` (where decoded data is kept between
-messages; default ``$XDG_CACHE_HOME/fedmaml/local-data``, "" for none). ``device`` (auto, cpu,
-cuda, cuda:N) overrides the run config's device on that node (:func:`node_run_config`).
+users), ``heldout-fraction`` (0.2; with the run's ``support-fraction`` the device's examples are
+split into support and query sets instead, as every client's are) and ``cache-dir`` (where
+decoded data is kept between messages; default ``$XDG_CACHE_HOME/fedmaml/local-data``, "" for
+none). ``device`` (auto, cpu, cuda, cuda:N) overrides the run config's device on that node
+(:func:`node_run_config`).
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ _USERS = _ClientCache(USER_CACHE_BYTES)
 def _own_data(node_config: Mapping[str, Any], cfg: RunConfig, identity: NodeIdentity) -> ClientData:
     """The device's own data file, checked against the run's input shape, classes, episodes."""
     from fedmaml.tasks.local import load_local
+    from fedmaml.tasks.partition import support_query_split
     from fedmaml.tasks.registry import episode_spec
 
     path = str(node_config.get("data-path", ""))
@@ -169,7 +172,7 @@ def _own_data(node_config: Mapping[str, Any], cfg: RunConfig, identity: NodeIden
         label_column=str(node_config.get("label-column", cfg.label_column)),
         feature_columns=str(node_config.get("feature-columns", cfg.feature_columns)),
     )
-    return load_local(
+    client = load_local(
         path,
         fmt=str(node_config["data-format"]) if "data-format" in node_config else None,
         input_shape=cfg.input_dims,
@@ -183,6 +186,9 @@ def _own_data(node_config: Mapping[str, Any], cfg: RunConfig, identity: NodeIden
         client_id=f"{identity.role}-{identity.index}",
         cache_dir=str(node_config.get("cache-dir", default_cache_dir())) or None,
     )
+    if cfg.support_fraction > 0:  # the protocol's support and query sets, as for every source
+        return support_query_split(client, cfg.support_fraction, cfg.seed)
+    return client
 
 
 def default_cache_dir() -> Path:

@@ -6,9 +6,10 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, Context, Message
 
 from fedmaml.config import RunConfig
+from fedmaml.federated import keys
 
 
 def to_record(params: Mapping[str, Any]) -> ArrayRecord:
@@ -29,3 +30,9 @@ def run_config(context: Context) -> RunConfig:
 @lru_cache(maxsize=4)
 def _parse(items: tuple[tuple[str, Any], ...]) -> RunConfig:
     return RunConfig.from_mapping(dict(items))
+
+
+def sent_recipe(msg: Message) -> dict[str, Any] | None:
+    """The personalization recipe a ``query.personalize`` message carries (None: none)."""
+    record = msg.content.config_records.get(keys.RECIPE)
+    return dict(record) if record is not None else None

@@ -38,12 +38,15 @@ from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.meta.evaluate import mean_curve
 from fedmaml.meta.outer import MetaOptimizer
 from fedmaml.meta.params import Params
+from fedmaml.personalize.recipe import Recipe
+from fedmaml.personalize.run_recipe import finish_run, store_recipe
 from fedmaml.problem import Problem
 from fedmaml.run_start import start
 from fedmaml.rundir.lock import locked
-from fedmaml.rundir.names import CHECKPOINT, CLIENTS
+from fedmaml.rundir.names import CHECKPOINT, CLIENTS, SPLIT
 from fedmaml.rundir.recorder import RunRecorder
 from fedmaml.rundir.state import check_run_dir, prepare_run_dir
+from fedmaml.tasks.protocol import group_counts, write_groups
 
 app = ServerApp()
 through_flower()
@@ -106,6 +109,7 @@ def run(grid: Grid, cfg: RunConfig) -> None:
         log(INFO, "fedmaml: loading the data and building the model (task %s)", cfg.task)
         work = Problem.from_config(cfg)
         recorder = RunRecorder(out_dir, cfg.to_mapping())
+        _record_protocol(cfg, work, recorder)
         try:
             _run(grid, cfg, work, recorder)
         except FedmamlError as exc:
@@ -139,13 +143,16 @@ def _run(grid: Grid, cfg: RunConfig, work: Problem, recorder: RunRecorder) -> No
                 round=meta_round,
                 optimizer_state=opt.state_dict(),
                 privacy=account.state_dict() if account is not None else None,
+                inputs=work.inputs.to_dict(),
             )
         )
 
     try:
-        _train(grid, cfg, work, recorder, params, optimizer, offset, save, account)
+        recipe = _train(grid, cfg, work, recorder, params, optimizer, offset, save, account)
     finally:
         saver.close()
+    if recipe is not None:
+        store_recipe(out_dir / CHECKPOINT, recipe, out_dir)
     if account is not None:
         recorder.facts["privacy"] = account.summary(**recorder.facts.get("privacy", {}))
     stopped = recorder.facts.get("privacy", {}).get("stopped_by_budget")
@@ -177,9 +184,10 @@ def _train(
     offset: int,
     save: Callable[[int, Params, MetaOptimizer], None],
     account: PrivacyAccount | None = None,
-) -> None:
-    """Rounds offset+1..num-rounds: the meta-strategy, central evaluation, tables; training
-    ends early when the privacy budget would be exceeded (personalization still runs)."""
+) -> Recipe | None:
+    """Rounds offset+1..num-rounds: the meta-strategy, central evaluation, tables (training ends
+    early when the privacy budget would be exceeded); then the personalization recipe
+    (returned) and on-device personalization."""
     remaining = cfg.num_rounds - offset
     if offset == 0:
         save(0, params, optimizer)
@@ -233,13 +241,50 @@ def _train(
     except BudgetExhausted as exc:
         _stop_for_budget(recorder, exc)
     recorder.flush()
+    recipe = _fit_recipe(cfg, work, optimizer.current(), recorder)
     if cfg.personalize:
-        summary = strategy.personalize(grid, to_record(optimizer.current()))
+        summary = strategy.personalize(
+            grid, to_record(optimizer.current()), recipe.settings() if recipe else None
+        )
         recorder.round_values(
             cfg.num_rounds, **{f"personalized-{k}": v for k, v in summary.items()}
         )
         recorder.flush()
         log(INFO, "fedmaml: personalized on the devices: %s", summary)
+    return recipe
+
+
+def _record_protocol(cfg: RunConfig, work: Problem, recorder: RunRecorder) -> None:
+    """The client groups (and the clients dropped as too small) in the run directory."""
+    if not _server_can_open_data(cfg):
+        return
+    write_groups(work.source, Path(cfg.out_dir) / SPLIT)
+    counts = group_counts(work.source)
+    recorder.facts["protocol"] = {**counts, "support-fraction": cfg.support_fraction}
+    if counts["dropped"]:
+        log(
+            WARNING,
+            "fedmaml: %d clients were dropped as too small for the episodes before the client "
+            "counts were fixed (reasons in %s)",
+            counts["dropped"],
+            SPLIT,
+        )
+
+
+def _fit_recipe(
+    cfg: RunConfig, work: Problem, params: Params, recorder: RunRecorder
+) -> Recipe | None:
+    """The personalization recipe chosen on the validation clients (None without them), and
+    the test clients personalized with it (``test_users.csv``)."""
+    if not cfg.num_val_clients or not _server_can_open_data(cfg):
+        return None
+    log(INFO, "fedmaml: choosing the personalization recipe on %d validation clients",
+        cfg.num_val_clients)  # fmt: skip
+    recipe = finish_run(work, params, cfg.out_dir)
+    if recipe is not None:
+        recorder.facts["recipe"] = {"steps": recipe.steps, "lr": recipe.lr, "adapt": recipe.adapt}
+        log(INFO, "fedmaml: personalization recipe: %s", recipe.describe())
+    return recipe
 
 
 def _stop_for_budget(recorder: RunRecorder, exc: BudgetExhausted) -> None:

@@ -120,7 +120,7 @@ class MetaStrategy(Strategy):
         self.spec = UpdateSpec(
             shapes={k: tuple(v.shape) for k, v in optimizer.params.items()},
             dtype=np.dtype(str(theta.dtype).removeprefix("torch.")),
-            max_examples=cfg.local_episodes * cfg.query_size * max(cfg.ways, 1),
+            max_examples=cfg.max_query_examples,
         )
         self.bound = NormBound(cfg.clip_norm or cfg.max_update_norm)
         self.account = account
@@ -409,12 +409,17 @@ class MetaStrategy(Strategy):
         self.recorder.flush()
         return MetricRecord(summary)
 
-    def personalize(self, grid: Grid, arrays: ArrayRecord) -> dict[str, float]:
-        """Send θ to every client for on-device personalization (``query.personalize``); each
-        keeps its model and replies metrics only. Returns their means per group (seen/unseen)."""
+    def personalize(
+        self, grid: Grid, arrays: ArrayRecord, recipe: dict[str, Any] | None = None
+    ) -> dict[str, float]:
+        """Send θ (and the personalization recipe's settings, when there is one) to every
+        client for on-device personalization (``query.personalize``); each keeps its model and
+        replies metrics only. Returns their means per group (seen/unseen)."""
         meta_round = self.meta_round(self.num_rounds)
         self.roles.refresh(grid, meta_round)
         record = RecordDict({keys.ARRAYS: arrays})
+        if recipe:
+            record[keys.RECIPE] = ConfigRecord(dict(recipe))
         nodes = sorted(self.roles.participants("train") + self.roles.participants("heldout"))
         messages = [
             Message(record, dst_node_id=n, message_type=keys.PERSONALIZE_TYPE) for n in nodes

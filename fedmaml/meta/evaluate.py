@@ -62,7 +62,8 @@ def adaptation_curve(
     inner_lr: InnerLR = 0.01,
     adapted: Adapted = "all",
 ) -> tuple[Curve, Params]:
-    """Query metrics for k = 0..``steps`` and the adapted parameters θ'_steps.
+    """Query metrics for k = 0..``steps`` and the adapted parameters θ'_steps (``steps`` = 0:
+    the metrics of θ itself, and θ).
 
     Learned step sizes in ``params`` (Meta-SGD) replace ``inner_lr``. Each entry holds ``loss``
     and, for integer labels, ``accuracy``. Raises :class:`AdaptationDiverged` when θ'_k or a
@@ -150,7 +151,7 @@ def _prepare(
     """Checked settings, θ without a graph, and the episodes on θ's device."""
     theta, alpha = split_inner_lrs(params)
     validate.check_params(model, theta)
-    validate.check_steps(steps)
+    validate.check_steps(steps, minimum=0)
     lr: InnerLR = {k: v.detach() for k, v in alpha.items()} or inner_lr
     validate.check_inner_lr(lr)
     names = adapted_names(model, adapted)

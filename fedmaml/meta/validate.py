@@ -19,9 +19,10 @@ def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
         raise FedmamlError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
 
 
-def check_steps(inner_steps: int) -> None:
-    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
-        raise FedmamlError(f"inner_steps must be an integer >= 1 (got {inner_steps!r})")
+def check_steps(inner_steps: int, minimum: int = 1) -> None:
+    """Training needs >= 1 inner step; an adaptation curve may have 0 (the model as it is)."""
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < minimum:
+        raise FedmamlError(f"inner_steps must be an integer >= {minimum} (got {inner_steps!r})")
 
 
 def check_chunk_size(chunk_size: int) -> None:

@@ -5,10 +5,13 @@ out from adaptation). From θ, K plain gradient steps on S give the personalized
 
     θ'_0 = θ,   θ'_{k+1} = θ'_k − α ⊙ ∇_θ' L_S(θ'_k),   k = 0..K−1
 
-α is the checkpoint's learned per-parameter step size when it has ``inner_lr.<name>`` keys
-(Meta-SGD), else one scalar ``lr`` (default: the checkpoint's ``inner-lr``); an explicit ``lr``
-replaces learned step sizes. ``adapt="head"`` adapts the last layer only and leaves the rest
-as it is (the default for a model trained with ANIL). The metric m is the MSE (regression: a
+K, α and the adapted parameters default to the checkpoint's personalization recipe, chosen on
+validation users at the end of training (:mod:`.recipe`; K = 0 when no recipe beats the global
+model there); explicit arguments override it. Without a recipe, α is the checkpoint's learned
+per-parameter step size when it has ``inner_lr.<name>`` keys (Meta-SGD), else one scalar ``lr``
+(default: the checkpoint's ``inner-lr``); an explicit ``lr`` replaces learned step sizes.
+``adapt="head"`` adapts the last layer only and leaves the rest as it is (the default for a
+model trained with ANIL). The metric m is the MSE (regression: a
 model with one output) or the accuracy (classification: one output per class) on E, computed
 for every k = 0..K (the adaptation curve of :func:`fedmaml.meta.evaluate.adaptation_curve`):
 
@@ -22,7 +25,9 @@ learned step sizes are a training-time quantity and are not saved with it.
 :func:`personalize` handles one user, :func:`personalize_many` a population (a table with a user
 column, a folder of one table per user, or in-memory clients), batching users of equal data
 shapes with ``torch.func.vmap``; :func:`personalize_client` is the on-device entry point that
-returns metrics only.
+returns metrics only; :func:`fit_recipe` chooses the recipe on validation users. Users come as
+in-memory data, tables, LEAF JSON, ``.npz`` or image folders (:mod:`.user_files`), prepared by
+the checkpoint's recorded input preprocessing.
 
 Modules: ``global_model`` (the checkpoint to personalize and the defaults of its run
 configuration), ``user_data`` (checks and the support/evaluation split), ``curves`` (users'
@@ -36,9 +41,12 @@ from fedmaml.personalize.on_device import personalize_client
 from fedmaml.personalize.one_user import personalize
 from fedmaml.personalize.personalized import Personalized, load_personalized
 from fedmaml.personalize.plot import plot_gain
+from fedmaml.personalize.recipe import Recipe, fit_recipe
 
 __all__ = [
     "Personalized",
+    "Recipe",
+    "fit_recipe",
     "load_personalized",
     "personalize",
     "personalize_client",

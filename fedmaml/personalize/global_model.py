@@ -1,6 +1,7 @@
 """The global model to personalize: a checkpoint (or model and θ) opened and checked, with the
-defaults its run configuration gives for the number of steps K, the step size α and the
-parameters that adapt."""
+defaults for the number of steps K, the step size α and the parameters that adapt: those of the
+checkpoint's personalization recipe (chosen on validation users, :mod:`.recipe`) when it has
+one, else those its run configuration gives."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
@@ -20,6 +21,10 @@ from fedmaml.meta.adapted import Adapted
 from fedmaml.meta.algorithms import resolve
 from fedmaml.meta.params import INNER_LR_PREFIX, InnerLR, Params, split_inner_lrs
 from fedmaml.personalize.personalized import SECTION
+from fedmaml.tasks.inputs import InputSpec, input_spec
+
+if TYPE_CHECKING:
+    from fedmaml.personalize.recipe import Recipe
 
 Source = str | os.PathLike | Checkpoint | tuple[nn.Module, Mapping[str, Tensor]]
 
@@ -35,6 +40,27 @@ class GlobalModel:
     kwargs: dict[str, int]
     config: dict[str, Any]
     round: int
+    #: the personalization recipe stored with the checkpoint (a dict; see :attr:`recipe`)
+    recipe_record: dict[str, Any] | None = None
+    #: how raw examples become model inputs (a dict; see :attr:`inputs`)
+    inputs_record: dict[str, Any] | None = None
+
+    @cached_property
+    def recipe(self) -> Recipe | None:
+        """The checkpoint's personalization recipe, or None."""
+        from fedmaml.personalize.recipe import Recipe
+
+        return None if self.recipe_record is None else Recipe.from_dict(self.recipe_record)
+
+    @cached_property
+    def inputs(self) -> InputSpec | None:
+        """How raw examples become the model's inputs: the checkpoint's record, else what its
+        run's task trains with (older checkpoints), else None (a model given in memory)."""
+        if self.inputs_record is not None:
+            return InputSpec.from_dict(self.inputs_record)
+        if self.run is not None:
+            return input_spec(self.run.task, self.kwargs, self.run.input_dims)
+        return None
 
     @cached_property
     def num_outputs(self) -> int | None:
@@ -63,15 +89,19 @@ class GlobalModel:
             ) from None
 
     def defaults(self, steps: int | None, lr: float | None) -> tuple[int, InnerLR, float | None]:
-        """(K, α as used, the scalar lr or None when learned step sizes are used); K and α
-        default to the run's ``eval-steps`` and ``inner-lr`` (RunConfig's defaults without a
-        run)."""
+        """(K, α as used, the scalar lr or None when learned step sizes are used). Those given
+        win; the others come from the checkpoint's recipe, else K from the run's ``eval-steps``
+        and α from the learned step sizes or the run's ``inner-lr`` (RunConfig's defaults
+        without a run). K = 0 is the global model itself."""
         run = self.run or RunConfig()
-        k = steps if steps is not None else run.eval_steps
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        recipe = self.recipe
+        k = steps if steps is not None else recipe.steps if recipe else run.eval_steps
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise FedmamlError(
-                f"the number of adaptation steps must be an integer >= 1 (got {k!r})"
+                f"the number of adaptation steps must be an integer >= 0 (got {k!r})"
             )
+        if lr is None and recipe is not None and recipe.lr is not None:
+            lr = recipe.lr
         if lr is None and self.alpha:
             return k, self.alpha, None
         rate = run.inner_lr if lr is None else lr
@@ -79,10 +109,12 @@ class GlobalModel:
         return k, float(rate), float(rate)
 
     def adapted(self, adapt: Adapted | None) -> Adapted:
-        """The parameters to adapt: ``adapt`` when given, else those the checkpoint's algorithm
-        adapts (the head for ``anil``), else all."""
+        """The parameters to adapt: ``adapt`` when given, else the recipe's, else those the
+        checkpoint's algorithm adapts (the head for ``anil``), else all."""
         if adapt is not None:
             return adapt
+        if self.recipe is not None:
+            return self.recipe.adapt
         return resolve(self.run.algorithm).adapted if self.run else "all"
 
 
@@ -112,6 +144,7 @@ def resolve_global(source: Source | GlobalModel) -> GlobalModel:
             source.config,
             source.round,
         )
+        records = (source.recipe, source.inputs)
     elif (
         isinstance(source, tuple)
         and len(source) == 2
@@ -120,6 +153,7 @@ def resolve_global(source: Source | GlobalModel) -> GlobalModel:
     ):
         model, params = source
         name, kwargs, config, rnd = None, {}, {}, 0
+        records = (None, None)
     else:
         raise FedmamlError(
             "checkpoint_or_model must be a checkpoint path, a Checkpoint or a (model, params) "
@@ -144,4 +178,6 @@ def resolve_global(source: Source | GlobalModel) -> GlobalModel:
         kwargs=kwargs,
         config=dict(config),
         round=int(rnd),
+        recipe_record=records[0],
+        inputs_record=records[1],
     )

@@ -4,6 +4,7 @@ data shapes with ``torch.vmap``, with an optional progress bar and gain histogra
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,11 +15,12 @@ from fedmaml.meta import validate
 from fedmaml.meta.adapted import Adapted
 from fedmaml.meta.choices import BATCHING
 from fedmaml.meta.evaluate import mean_curve
-from fedmaml.personalize.curves import adapt_users
+from fedmaml.meta.params import InnerLR
+from fedmaml.personalize.curves import UserResult, adapt_users
 from fedmaml.personalize.global_model import GlobalModel, Source, resolve_global
 from fedmaml.personalize.plot import plot_gain
-from fedmaml.personalize.user_data import UserData, prepare_user
-from fedmaml.personalize.user_tables import load_table_users
+from fedmaml.personalize.user_data import UserData, UserSplit, prepare_user
+from fedmaml.personalize.user_files import TABLES, load_users
 from fedmaml.tasks.episodes import ClientData
 
 if TYPE_CHECKING:
@@ -42,19 +44,24 @@ def personalize_many(
     chunk_size: int = 256,
     plot: str | os.PathLike | None = None,
     progress: bool = False,
+    save_dir: str | os.PathLike | None = None,
+    only: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Personalize every user and return one row per user: ``user, n_support, n_eval,
     metric_before, metric_after, gain`` (plus ``loss_before, loss_after`` for classification).
 
     ``users``: in-memory clients (a mapping user -> ClientData or (x, y), or a list of
-    ClientData), a table with ``user_column`` (DataFrame or path), or a folder of one table per
-    user. Each user is split as in :func:`personalize` with the same ``seed``, so a row equals
+    ClientData), a table with ``user_column`` (DataFrame or path), a LEAF JSON file (users by
+    LEAF id), or a folder of one file per user (:mod:`fedmaml.personalize.user_files`);
+    ``only``: personalize these users only. Each user is split as in :func:`personalize`
+    with the same ``seed``, so a row equals
     ``personalize(..., user_data=that user)``. ``adapt`` as in :func:`personalize`.
     ``batching``: ``vmap`` adapts users of equal data shapes together in chunks of
     ``chunk_size`` (``auto`` does so for models without buffers or convolutions), ``loop`` one
     user at a time (:func:`fedmaml.meta.evaluate.adaptation_curves`). ``plot``: write a
-    histogram of the gains there (PNG). ``df.attrs`` holds ``metric``, ``steps``, ``lr`` and the
-    mean curve over users.
+    histogram of the gains there (PNG). ``save_dir``: also write each user's personalized model
+    there, ``<user>.pt`` (users are then adapted one at a time; the numbers are the same).
+    ``df.attrs`` holds ``metric``, ``steps``, ``lr``, ``adapted`` and the mean curve over users.
     """
     import pandas as pd
 
@@ -62,34 +69,75 @@ def personalize_many(
     validate.check_chunk_size(chunk_size)
     g = resolve_global(checkpoint_or_model)
     k, rate, scalar = g.defaults(steps, lr)
-    data = _user_mapping(g, users, user_column, label_column, feature_columns)
+    data = _user_mapping(g, users, user_column, label_column, feature_columns, only)
     splits = [
         prepare_user(
             g, d, user=u, support_size=support_size, support_fraction=support_fraction, seed=seed
         )
         for u, d in data.items()
     ]
-    with _progress(progress, len(splits), "personalizing") as advance:
-        done = adapt_users(
-            g,
-            splits,
-            k,
-            rate,
-            g.adapted(adapt),
-            batching=batching,
-            chunk_size=chunk_size,
-            progress=advance,
-        )
+    adapted = g.adapted(adapt)
+    if save_dir is not None:
+        done = _adapt_and_save(g, splits, k, rate, adapted, Path(save_dir), progress)
+    else:
+        with _progress(progress, len(splits), "personalizing") as advance:
+            done = adapt_users(
+                g,
+                splits,
+                k,
+                rate,
+                adapted,
+                batching=batching,
+                chunk_size=chunk_size,
+                progress=advance,
+            )
     df = pd.DataFrame([r.row() for r in done])
     df.attrs.update(
         metric=done[0].metric,
         steps=k,
         lr=scalar if scalar is not None else "learned",
+        adapted=adapted if isinstance(adapted, str) else ",".join(sorted(adapted)),
         curve=mean_curve([r.curve for r in done]),
     )
     if plot is not None:
         plot_gain(df, plot)
     return df
+
+
+def _adapt_and_save(
+    g: GlobalModel,
+    splits: Sequence[UserSplit],
+    steps: int,
+    rate: InnerLR,
+    adapted: Adapted,
+    save_dir: Path,
+    progress: bool,
+) -> list[UserResult]:
+    """Adapt the users one at a time and save each one's model as ``save_dir/<user>.pt``."""
+    from fedmaml.personalize.one_user import adapt_one
+
+    names = [_file_name(s.user) for s in splits]
+    if len(set(names)) < len(names):
+        raise FedmamlError(
+            "two users' names give the same file name in the output folder; give users "
+            "distinct names (letters, digits, '-', '_' and '.')"
+        )
+    save_dir.mkdir(parents=True, exist_ok=True)
+    lr = rate if isinstance(rate, float) else None
+    done = []
+    with _progress(progress, len(splits), "personalizing") as advance:
+        for split, name in zip(splits, names, strict=True):
+            one = adapt_one(g, split, steps=steps, lr=lr, adapt=adapted)
+            one.save(save_dir / f"{name}.pt")
+            done.append(UserResult(split, one.curve))
+            advance(1)
+    return done
+
+
+def _file_name(user: str) -> str:
+    """A user's name as a file name: characters other than letters, digits, '-', '_' and '.'
+    become '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", user).lstrip(".") or "_"
 
 
 def _user_mapping(
@@ -98,6 +146,7 @@ def _user_mapping(
     user_column: str | None,
     label_column: str | None,
     feature_columns: Sequence[str] | None,
+    only: Sequence[str] | None,
 ) -> dict[str, UserData]:
     if isinstance(users, Mapping):
         data = {str(u): d for u, d in users.items()}
@@ -108,18 +157,22 @@ def _user_mapping(
         if len(data) < len(users):
             raise FedmamlError("two clients share a client_id; give every user its own id")
     else:
-        if not user_column and not (isinstance(users, str | os.PathLike) and Path(users).is_dir()):
+        one_table = not isinstance(users, str | os.PathLike) or (
+            Path(users).suffix.lower() in TABLES and not Path(users).is_dir()
+        )
+        if one_table and not user_column:
             raise FedmamlError(
                 "a table of many users needs its user column (user_column / --user-column); "
                 "for a single user use personalize"
             )
         data = dict(
-            load_table_users(
+            load_users(
                 g,
                 users,
                 label_column=label_column,
                 feature_columns=feature_columns,
                 user_column=user_column,
+                users=only,
             ).users
         )
     if not data:

@@ -26,13 +26,18 @@ def personalize_client(
     lr: float | None = None,
     support_size: int | None = None,
     seed: int = 0,
+    recipe: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
     """On-device personalization: adapt θ (∪ α) received from the server on the client's own
     training pool, evaluate on its held-out pool, save θ'_K to ``save_to`` on the device, and
     return only the metrics (no parameters or data leave the device).
 
     ``model`` is the registry name (e.g. ``cfg.model_name``) and ``config`` the run config
-    mapping (``cfg.to_mapping()``), whose ``eval-steps`` and ``inner-lr`` are the defaults.
+    mapping (``cfg.to_mapping()``). ``recipe``: the run's personalization recipe (its
+    ``steps``, ``lr``, ``adapt``, chosen on validation clients), which gives the defaults; without
+    one, the run's ``eval-steps`` and ``inner-lr`` do. ``steps`` and ``lr`` override both.
+    ``inputs``: the run's input preprocessing, recorded in the saved model.
     """
     if client_data.x_test is None:
         raise FedmamlError(
@@ -41,7 +46,8 @@ def personalize_client(
         )
     ckpt = Checkpoint(
         params=dict(params), model=model, model_kwargs=dict(model_kwargs or {}),
-        config=dict(config or {}),
+        config=dict(config or {}), recipe=dict(recipe) if recipe else None,
+        inputs=dict(inputs) if inputs else None,
     )  # fmt: skip
     result = personalize(
         ckpt, client_data, steps=steps, lr=lr, support_size=support_size, seed=seed

@@ -12,8 +12,8 @@ from fedmaml.meta.adapted import Adapted
 from fedmaml.personalize.curves import adapt_user
 from fedmaml.personalize.global_model import GlobalModel, Source, resolve_global
 from fedmaml.personalize.personalized import Personalized
-from fedmaml.personalize.user_data import UserData, prepare_user
-from fedmaml.personalize.user_tables import load_table_users
+from fedmaml.personalize.user_data import UserData, UserSplit, prepare_user
+from fedmaml.personalize.user_files import load_users
 from fedmaml.tasks.episodes import ClientData
 
 if TYPE_CHECKING:
@@ -37,40 +37,76 @@ def personalize(
     """Adapt the global model to one user (see :mod:`fedmaml.personalize` for the math).
 
     ``checkpoint_or_model``: a checkpoint path, a :class:`Checkpoint` or ``(model, params)``.
-    ``user_data``: a :class:`ClientData`, an ``(x, y)`` pair, or a table (DataFrame, CSV or
-    Parquet path; then ``label_column`` is required and ``feature_columns`` defaults to every
-    other numeric column). ``user`` names the user (default: the client id, the file name, or
-    "user"). ``steps`` defaults to the checkpoint's ``eval-steps``, ``lr`` to its learned step
-    sizes or its ``inner-lr`` (RunConfig's defaults, 5 and 0.01, without a run config).
-    ``adapt``: the parameters to adapt, ``"all"``, ``"head"`` (the last layer; the rest stays
-    bit-identical) or a collection of parameter names; default: those the checkpoint's
-    algorithm adapts (the head for ``anil``), else all.
+    ``user_data``: a :class:`ClientData`, an ``(x, y)`` pair, a table (DataFrame, CSV or
+    Parquet path; then ``label_column`` is required unless the checkpoint names it, and
+    ``feature_columns`` defaults to every other numeric column; an image model's pixel
+    columns are reshaped to its input shape), or any other file of
+    :mod:`fedmaml.personalize.user_files` (LEAF JSON, ``.npz``, a folder of images by class),
+    prepared by the checkpoint's input preprocessing. ``user`` names the user (default: the
+    client id, the LEAF id, the file name, or "user") and picks it from a file of several
+    users. ``steps``, ``lr`` and ``adapt`` default to the checkpoint's personalization recipe
+    (chosen on validation users) when it has one; otherwise ``steps`` to its ``eval-steps``,
+    ``lr`` to its learned step sizes or its ``inner-lr`` (RunConfig's defaults, 5 and 0.01,
+    without a run config) and ``adapt`` to the parameters its algorithm adapts (the head for
+    ``anil``), else all. ``adapt``: ``"all"``, ``"head"`` (the last layer; the rest stays
+    bit-identical) or a collection of parameter names. ``steps=0`` gives the global model.
     """
     g = resolve_global(checkpoint_or_model)
-    k, rate, scalar = g.defaults(steps, lr)
+    g.defaults(steps, lr)  # check the settings before reading the data
     columns: dict[str, Any] = {}
+    user_data_path = user_data if isinstance(user_data, str | os.PathLike) else None
+    if not isinstance(user_data, ClientData | tuple):
+        loaded = load_users(
+            g, user_data, label_column=label_column, feature_columns=feature_columns
+        )
+        names = list(loaded.users)
+        if len(names) > 1 and user is None:
+            raise FedmamlError(
+                f"{user_data} holds {len(names)} users; personalize one at a time (user=ID, "
+                "--users ID) or use personalize_many"
+            )
+        if len(names) > 1 and user not in loaded.users:
+            shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+            raise FedmamlError(
+                f"no user {user!r} in the data (it holds {len(names)} users: {shown}); give an "
+                "id the data has"
+            )
+        name = user if user in loaded.users else names[0]
+        default = (
+            name
+            if isinstance(user_data, str | os.PathLike)
+            and Path(user_data).suffix.lower() == ".json"
+            else None
+        )
+        user_data, columns = loaded.users[name], loaded.columns
+        user = user or default
     if user is None:
         user = (
             user_data.client_id
             if isinstance(user_data, ClientData)
-            else Path(user_data).stem
-            if isinstance(user_data, str | os.PathLike)
+            else Path(user_data_path).stem
+            if user_data_path is not None
             else "user"
         )
-    if not isinstance(user_data, ClientData | tuple):
-        tables = load_table_users(
-            g, user_data, label_column=label_column, feature_columns=feature_columns
-        )
-        if len(tables.users) != 1:
-            raise FedmamlError(
-                f"{user_data} holds {len(tables.users)} users; personalize one file at a time "
-                "or use personalize_many"
-            )
-        user_data, columns = next(iter(tables.users.values())), tables.columns
     split = prepare_user(
         g, user_data, user=user, support_size=support_size, support_fraction=support_fraction,
         seed=seed,
     )  # fmt: skip
+    return adapt_one(g, split, steps=steps, lr=lr, adapt=adapt, columns=columns)
+
+
+def adapt_one(
+    g: GlobalModel,
+    split: UserSplit,
+    *,
+    steps: int | None = None,
+    lr: float | None = None,
+    adapt: Adapted | None = None,
+    columns: dict[str, Any] | None = None,
+) -> Personalized:
+    """The personalized model of one user's checked support/evaluation split (defaults as in
+    :func:`personalize`)."""
+    k, rate, scalar = g.defaults(steps, lr)
     adapted = g.adapted(adapt)
     result, fast = adapt_user(g, split, k, rate, adapted)
     return Personalized(
@@ -86,8 +122,9 @@ def personalize(
         steps=k,
         lr=scalar,
         adapted=adapted if isinstance(adapted, str) else sorted(adapted),
-        user=user,
-        columns=columns,
+        user=split.user,
+        columns=dict(columns or {}),
         source_config=g.config,
         round=g.round,
+        inputs=g.inputs.to_dict() if g.inputs is not None else None,
     )

@@ -4,7 +4,7 @@ checkpoint whose config holds a ``personalization`` section."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +61,8 @@ class Personalized:
     columns: dict[str, Any] = field(default_factory=dict)
     source_config: dict[str, Any] = field(default_factory=dict)
     round: int = 0
+    #: how raw examples become model inputs (the checkpoint's; see fedmaml.tasks.inputs)
+    inputs: dict[str, Any] | None = None
 
     @property
     def metric(self) -> str:
@@ -114,9 +116,16 @@ class Personalized:
             out = functional_call(self.model, (self.params, dict(self.model.named_buffers())), x)
         return out.argmax(-1) if self.classification else out.squeeze(-1)
 
-    def predict_table(self, data: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
+    def predict_table(
+        self,
+        data: pd.DataFrame | str | os.PathLike,
+        prepare: Callable[[Tensor, str], Tensor] | None = None,
+    ) -> pd.DataFrame:
         """The table with a ``prediction`` column added, reading the feature columns the model
-        was personalized on (a label column, if present, is ignored)."""
+        was personalized on (a label column, if present, is ignored); ``prepare(x, source)``
+        turns the feature rows into model inputs (an image model's pixel columns)."""
+        import pandas as pd
+
         from fedmaml.tasks.tables import read_table, table_to_tensors
 
         df = data if not isinstance(data, str | os.PathLike) else read_table(data)
@@ -135,13 +144,16 @@ class Personalized:
         # the label may be absent when predicting: a placeholder lets tables.py check the features
         placeholder = "__fedmaml_label__"
         x, _ = table_to_tensors(
-            df.assign(**{placeholder: 0.0}),
+            pd.concat([df[features], pd.Series(0.0, index=df.index, name=placeholder)], axis=1),
             label_column=placeholder,
             feature_columns=features,
             classification=False,
             source=str(data) if isinstance(data, str | os.PathLike) else "table",
         )
-        return df.assign(prediction=self.predict(x).numpy())
+        if prepare is not None:
+            x = prepare(x, str(data) if isinstance(data, str | os.PathLike) else "table")
+        prediction = pd.Series(self.predict(x).numpy(), index=df.index, name="prediction")
+        return pd.concat([df.drop(columns="prediction", errors="ignore"), prediction], axis=1)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write θ'_K, the model spec and the personalization record atomically (a checkpoint
@@ -163,6 +175,8 @@ class Personalized:
             "adapted": self.adapted,
             "columns": self.columns,
         }
+        if self.inputs is not None:
+            section["inputs"] = dict(self.inputs)
         ckpt = Checkpoint(
             params=self.params,
             model=self.model_name,
@@ -216,4 +230,5 @@ def _from_section(
         columns=dict(section["columns"]),
         source_config=config,
         round=ckpt.round,
+        inputs=section.get("inputs"),
     )

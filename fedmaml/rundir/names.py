@@ -11,3 +11,6 @@ COMPARISON_MD = "comparison.md"  # fedmaml simulate --compare: the runs side by 
 COMPARISON_PNG = "comparison.png"
 FLOWER_LOG = "flower.log"  # the Flower processes' log (fedmaml simulate)
 LOCK = ".lock"  # held by the run that writes the directory
+SPLIT = "clients_split.csv"  # every client's group (train, validation, test, dropped) and sizes
+RECIPE = "recipe.csv"  # the personalization recipe's candidates on the validation clients
+TEST_USERS = "test_users.csv"  # each test client personalized by the recipe, curve at_0..at_K

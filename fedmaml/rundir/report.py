@@ -6,7 +6,10 @@
   (loss: lower is better, so gain = before − after; accuracy: after − before);
 * a markdown summary: how the run ended, what failed, the evaluation table, the gain per group;
 * :func:`compare`: several runs (e.g. MAML and the FedAvg + fine-tuning baseline on the same
-  clients) in one table and one plot.
+  clients) in one table and one plot; :func:`compare_runs` adds their test users side by side
+  (per-user gain and steps curve, :mod:`fedmaml.rundir.user_report`);
+* the test users personalized by the run's recipe (``test_users.csv``, written when the run
+  has validation clients): a per-user summary in ``summary.md`` and ``test_users_gain_steps.png``.
 
 Evaluation groups: *seen* are the training clients' held-out data, *unseen* the held-out
 clients. The server also evaluates the held-out clients itself when it can open their data
@@ -16,7 +19,9 @@ one *unseen* series, the federated evaluation where there is one, else the serve
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -34,7 +39,9 @@ from fedmaml.rundir.names import (
     ROUNDS,
     SUMMARY,
     SUMMARY_MD,
+    TEST_USERS,
 )
+from fedmaml.rundir.user_report import compare_users, user_summary
 
 GROUPS = ("seen", "unseen")
 
@@ -244,6 +251,20 @@ def outcome_lines(
         f"; nodes that could not take part: {broken}"
         f"; clipped updates: {int(trained['clipped'].sum()) if 'clipped' in trained else 0}",
     ]
+    protocol = summary.get("protocol")
+    if protocol:
+        lines.append(
+            f"- client groups: {protocol.get('train')} training, {protocol.get('validation')} "
+            f"validation, {protocol.get('test')} test; {protocol.get('dropped', 0)} dropped as "
+            "too small before the counts were fixed (clients_split.csv)"
+        )
+    recipe = summary.get("recipe")
+    if recipe:
+        lines.append(
+            f"- personalization recipe (chosen on the validation clients): {recipe.get('steps')} "
+            f"steps, lr {recipe.get('lr') or 'learned'}, {recipe.get('adapt')} adapted "
+            "(recipe.csv)"
+        )
     found = summary.get("clients")
     if found:
         lines.append(
@@ -308,10 +329,48 @@ def report(run_dir: str | Path) -> list[Path]:
             "",
             markdown_table(gain_table(gains)),
         ]
+    if (run_dir / TEST_USERS).is_file():
+        written += compare_users({run_dir.name: [run_dir]}, run_dir, stem="test_users")
+        lines += [
+            "",
+            "## Test users personalized by the recipe chosen on the validation users",
+            "",
+            markdown_table(pd.DataFrame([user_summary([run_dir])])),
+            "",
+            "![per-user gain and steps curve](test_users_gain_steps.png)",
+        ]
     lines += ["", f"![learning curves]({CURVES_PNG})"]
     md = "\n".join(lines) + "\n"
     atomic_write(run_dir / SUMMARY_MD, lambda f: f.write(md))
     return [*written, run_dir / SUMMARY_MD]
+
+
+def compare_runs(run_dirs: list[Path], out_dir: Path | None = None) -> list[Path]:
+    """Several runs side by side in ``out_dir`` (default: their common parent): the learning
+    curves (:func:`compare`) when every run has unseen evaluations, and the test users
+    (``users_gain_steps.png``, ``users.md``) of the runs that personalized them."""
+    dirs = [Path(d) for d in run_dirs]
+    out = Path(out_dir) if out_dir else Path(os.path.commonpath([d.resolve() for d in dirs]))
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with contextlib.suppress(FedmamlError):  # runs without unseen evaluations: users only
+        written += compare(dirs, out)[1]
+    users = {d.name: [d] for d in dirs if (d / TEST_USERS).is_file()}
+    if users:
+        written += compare_users(users, out, stem="users")
+        table = pd.DataFrame([{"run": n, **user_summary(ds)} for n, ds in users.items()])
+        md = (
+            "# Test users personalized by each run's recipe\n\n"
+            f"{markdown_table(table)}\n\n![per-user gain and steps](users_gain_steps.png)\n"
+        )
+        atomic_write(out / "users.md", lambda f: f.write(md))
+        written.append(out / "users.md")
+    if not written:
+        raise FedmamlError(
+            "none of the runs has evaluations of unseen clients or personalized test users to "
+            "compare"
+        )
+    return written
 
 
 def compare(

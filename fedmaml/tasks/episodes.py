@@ -6,7 +6,12 @@ held-out part). An *episode* (a MAML task instance) is drawn from that pool:
 * regression or natural labels (``ways is None``): ``support`` and ``query`` examples drawn
   without replacement from the pool;
 * N-way K-shot classification (``ways = N``): N classes drawn from the client's classes,
-  ``support`` examples (shots) and ``query`` examples per class, labels renumbered 0..N-1.
+  ``support`` examples (shots) and ``query`` examples per class, labels renumbered 0..N-1;
+* whole sets (``fraction`` set, the FedMeta protocol): the client's data was split once into a
+  support set and a query set (:func:`fedmaml.tasks.partition.support_query_split`, held as its
+  training and held-out pools); every episode, training or evaluation, adapts on the whole
+  support set and is scored on the whole query set. ``support`` and ``query`` are then the
+  smallest sizes a client's two sets may have.
 
 Sampling takes an explicit :class:`torch.Generator`, so episodes are reproducible from a seed.
 """
@@ -38,11 +43,14 @@ class Task:
 
 @dataclass(frozen=True)
 class EpisodeSpec:
-    """How many examples an episode takes: per class when ``ways`` is set, in all otherwise."""
+    """How many examples an episode takes: per class when ``ways`` is set, in all otherwise;
+    with ``fraction`` (the share of a client's data in its support set) the whole support and
+    query sets, which must hold at least ``support`` and ``query`` examples."""
 
     support: int
     query: int
     ways: int | None = None
+    fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.support < 1 or self.query < 1:
@@ -52,6 +60,16 @@ class EpisodeSpec:
             )
         if self.ways is not None and self.ways < 2:
             raise FedmamlError(f"ways must be >= 2 for N-way episodes (got {self.ways})")
+        if self.fraction is not None:
+            if not 0 < self.fraction < 1:
+                raise FedmamlError(
+                    f"the support fraction must be in (0, 1) (got {self.fraction}); e.g. 0.2"
+                )
+            if self.ways is not None:
+                raise FedmamlError(
+                    "whole support/query sets (a support fraction) keep the data's own labels; "
+                    "set ways = 0 or drop the support fraction"
+                )
 
 
 @dataclass(frozen=True)
@@ -104,13 +122,32 @@ def sample_episode(
     meta-training episode). With ``held_out=True`` the support set comes from the training pool
     and the query set from the held-out pool (evaluation on data the client never trained on).
     """
-    if held_out and client.x_test is None:
+    if (held_out or spec.fraction is not None) and client.x_test is None:
         raise FedmamlError(
             f"client {client.client_id!r} has no held-out data; give it a test split"
         )
+    if spec.fraction is not None:
+        return _whole_sets(client, spec)
     if spec.ways is None:
         return _plain_episode(client, spec, generator, held_out)
     return _n_way_episode(client, spec, generator, held_out)
+
+
+def _whole_sets(client: ClientData, spec: EpisodeSpec) -> Task:
+    """The client's whole support set (its training pool) and query set (its held-out pool)."""
+    assert client.x_test is not None and client.y_test is not None
+    for name, n, need in (
+        ("support", len(client), spec.support),
+        ("query", int(client.x_test.shape[0]), spec.query),
+    ):
+        if n < need:
+            raise FedmamlError(
+                f"client {client.client_id!r} has {n} {name} examples but at least {need} are "
+                f"asked for (support-size / query-size); lower them, or give the client more data"
+            )
+    return Task(
+        support=(client.x, client.y), query=(client.x_test, client.y_test), task_id=client.client_id
+    )
 
 
 def _plain_episode(

@@ -14,10 +14,13 @@ Two inputs give the same writers (:class:`Pools` per writer id):
   into pools with held-out share ``heldout_fraction`` (0.1, LEAF's ``--tf 0.9``). Its images
   are inverted when their median grey level is bright (white background).
 
-Images become x = ink = 1 - grey, shape [1, 28, 28], labels y long in 0..61 (digits, A-Z, a-z).
-Writers that cannot give the requested episodes are skipped (count logged); of the rest,
-``num_heldout_clients`` are held out as unseen clients (seeded, see
-:func:`~fedmaml.tasks.partition.split_clients`).
+Images become x = ink = 1 - grey, shape [1, 28, 28] (:func:`fedmaml.tasks.inputs.model_inputs`
+with :data:`INPUTS`, the preprocessing every FEMNIST checkpoint records), labels y long in
+0..61 (digits, A-Z, a-z).
+Writers that cannot give the requested episodes are skipped (count logged, reasons in
+``FemnistSource.dropped``) *before* the client counts are checked; of the rest,
+``num_heldout_clients`` are held out as unseen (test) clients and ``num_val_clients`` kept for
+validation (seeded, see :func:`~fedmaml.tasks.partition.split_groups`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from torch import Tensor
 
 from fedmaml.errors import FedmamlError
 from fedmaml.tasks.episodes import ClientData, EpisodeSpec
-from fedmaml.tasks.partition import holdout_split, keep_usable, split_clients
+from fedmaml.tasks.inputs import InputSpec, model_inputs
+from fedmaml.tasks.partition import holdout_split, keep_usable, split_groups
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -48,6 +52,8 @@ log = logging.getLogger(__name__)
 
 NUM_CLASSES = 62
 SIDE = 28
+#: FEMNIST's preprocessing: 28 x 28 grey levels (1.0 = white paper) become ink = 1 - grey
+INPUTS = InputSpec((1, SIDE, SIDE), ink=True)
 HF_DATASET = "flwrlabs/femnist"
 HF_COLUMNS = ("image", "character", "writer_id")
 
@@ -171,8 +177,8 @@ def _stack(part: tuple[list, list]) -> tuple[Tensor, Tensor]:
     xs, ys = part
     if not xs:
         return torch.empty(0, 1, SIDE, SIDE), torch.empty(0, dtype=torch.long)
-    grey = torch.from_numpy(np.concatenate(xs))
-    return (1.0 - grey).view(-1, 1, SIDE, SIDE), torch.from_numpy(np.concatenate(ys))
+    grey = torch.from_numpy(np.concatenate(xs)).view(-1, 1, SIDE, SIDE)
+    return model_inputs(grey, INPUTS), torch.from_numpy(np.concatenate(ys))
 
 
 def writers_from_dataset(
@@ -193,12 +199,11 @@ def writers_from_dataset(
         img = img.mean(axis=-1) if img.ndim == 4 else img
         if img.shape[1:] != (SIDE, SIDE):
             raise FedmamlError(f"FEMNIST images are {img.shape[1:]}, expected 28 x 28")
-        images.append(img / 255.0 if img.max() > 1.0 else img)
+        images.append(img / 255.0 if img.max() > 1.0 else img)  # per batch, as stored
         labels.append(np.asarray(batch["character"], dtype=np.int64))
         writers.append(np.asarray(batch["writer_id"]).astype(str))
-    grey = torch.from_numpy(np.concatenate(images)).unsqueeze(1)
-    ink = 1.0 - grey if float(grey.median()) > 0.5 else grey
-    y = torch.from_numpy(_checked_labels(np.concatenate(labels), len(grey), "the dataset"))
+    ink = model_inputs(torch.from_numpy(np.concatenate(images)).unsqueeze(1), INPUTS)
+    y = torch.from_numpy(_checked_labels(np.concatenate(labels), len(ink), "the dataset"))
     ids = np.concatenate(writers)
     out = {}
     for writer in sorted(set(ids.tolist())):
@@ -238,27 +243,31 @@ class FemnistSource:
         seed: int = 0,
         num_train_clients: int | None = None,
         num_heldout_clients: int = 0,
+        num_val_clients: int = 0,
         spec: EpisodeSpec | None = None,
         name: str = "femnist",
     ) -> None:
         if not writers:
             raise FedmamlError(f"{name}: no writers")
         self.name, self.spec, self._writers = name, spec, dict(writers)
+        #: writers too small for the episodes, with the reason, dropped before the counts
+        self.dropped: dict[str, str] = {}
         usable = keep_usable(
             sorted(self._writers),
             lambda w: (self._writers[w].y, self._writers[w].y_test),
             spec,
             "writers",
+            self.dropped,
         )
-        train, held = split_clients(
+        self._ids = split_groups(
             usable,
             num_heldout_clients,
             seed,
             num_train_clients,
+            num_val=num_val_clients,
             what="writers",
-            skipped=len(self._writers) - len(usable),
+            skipped=len(self.dropped),
         )
-        self._ids = {"train": train, "heldout": held}
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str], **kwargs: Any) -> FemnistSource:
@@ -298,5 +307,5 @@ class FemnistSource:
 
     def _split(self, split: str) -> list[str]:
         if split not in self._ids:
-            raise FedmamlError(f"unknown split {split!r}; use 'train' or 'heldout'")
+            raise FedmamlError(f"unknown split {split!r}; use 'train', 'val' or 'heldout'")
         return self._ids[split]

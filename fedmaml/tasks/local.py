@@ -104,21 +104,20 @@ def load_local(
     round's ClientApp process, skip pandas, JSON parsing and image decoding.
     """
     path = Path(path).expanduser()
-    if not path.exists():
-        raise FedmamlError(f"{path}: no such file or folder; check the data path (data-path)")
-    fmt = fmt or infer_format(path)
-    if fmt not in FORMATS:
-        raise FedmamlError(f"data format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
-    settings = (fmt, list(input_shape), num_classes, label_column, feature_columns, user)
-    decode = functools.partial(_decode, path, *settings)
-    if cache_dir is None or fmt == "npz":
-        x, y = decode()
-    else:
-        x, y = _cached(Path(cache_dir), path, settings, decode)
+    x, y = read_examples(
+        path,
+        fmt=fmt,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        label_column=label_column,
+        feature_columns=feature_columns,
+        user=user,
+        cache_dir=cache_dir,
+    )
     if len(x) == 0:
         raise FedmamlError(f"{path}: no examples; the device needs labelled data to take part")
+    fmt = fmt or infer_format(path)
     source = str(path)
-    x = _reshaped(x, input_shape, source)
     classification = not torch.is_floating_point(y)
     g = torch.Generator().manual_seed(seed % 2**64)
     train, test = holdout_split(y, heldout_fraction, g, stratify=classification)
@@ -135,6 +134,35 @@ def load_local(
         if problem:
             raise FedmamlError(f"{path}: {problem}")
     return client
+
+
+def read_examples(
+    path: str | os.PathLike[str],
+    *,
+    fmt: str | None = None,
+    input_shape: Sequence[int] = (),
+    num_classes: int | None = None,
+    label_column: str = "label",
+    feature_columns: Sequence[str] | None = None,
+    user: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The examples at ``path`` (x float [n, *input_shape], reshaped to it when given; images
+    resized to its H x W) and their labels (long [n]) or targets (float [n, 1]), unsplit: what
+    a device and a user's personalization both read (see the module docstring)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FedmamlError(f"{path}: no such file or folder; check the data path (data-path)")
+    fmt = fmt or infer_format(path)
+    if fmt not in FORMATS:
+        raise FedmamlError(f"data format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
+    settings = (fmt, list(input_shape), num_classes, label_column, feature_columns, user)
+    decode = functools.partial(_decode, path, *settings)
+    if cache_dir is None or fmt == "npz":
+        x, y = decode()
+    else:
+        x, y = _cached(Path(cache_dir), path, settings, decode)
+    return _reshaped(x, input_shape, str(path)), y
 
 
 def _decode(

@@ -21,7 +21,7 @@ from torch import Tensor
 from fedmaml.errors import FedmamlError
 from fedmaml.tasks.episodes import ClientData, EpisodeSpec
 from fedmaml.tasks.omniglot_files import SPLITS, Alphabet, find_alphabets, load_alphabet
-from fedmaml.tasks.partition import check_counts, holdout_split, keep_usable, split_clients
+from fedmaml.tasks.partition import check_counts, holdout_split, keep_usable, split_groups
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class OmniglotSource:
         seed: int = 0,
         num_train_clients: int | None = None,
         num_heldout_clients: int | None = None,
+        num_val_clients: int = 0,
         spec: EpisodeSpec | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -63,37 +64,48 @@ class OmniglotSource:
                     f"{a.origin}); point data-path at one copy of each alphabet"
                 )
             alphabets[a.name] = a
+        #: alphabets too small for the episodes, with the reason, dropped before the counts
+        self.dropped: dict[str, str] = {}
         usable = keep_usable(
             list(alphabets),
             lambda name: self._pool_labels(alphabets[name]),
             spec,
             "alphabets",
+            self.dropped,
         )
         by_split = {s: [n for n in usable if alphabets[n].split == s] for s in SPLITS}
-        skipped = len(alphabets) - len(usable)
+        skipped = len(self.dropped)
         if by_split["background"] and by_split["evaluation"]:
-            train, held = by_split["background"], by_split["evaluation"]
+            background, held = by_split["background"], by_split["evaluation"]
             check_counts(
                 "alphabets",
-                num_train_clients or len(train),
+                (num_train_clients or len(background) - num_val_clients) + num_val_clients,
                 num_heldout_clients or 0,
-                len(train),
+                len(background),
                 heldout_available=len(held),
                 skipped=skipped,
             )
+            train, val = background, []
+            if num_val_clients:  # validation alphabets: a seeded draw from the background set
+                groups = split_groups(
+                    background, 0, seed, None, num_val=num_val_clients, what="alphabets"
+                )
+                train, val = groups["train"], groups["val"]
             train = train[:num_train_clients] if num_train_clients else train
             held = held[:num_heldout_clients] if num_heldout_clients is not None else held
         else:
             only = next(s for s in SPLITS if by_split[s])
             log.info("only %s alphabets found; holding out some of them", only)
-            train, held = split_clients(
+            groups = split_groups(
                 by_split[only],
                 num_heldout_clients or 0,
                 seed,
                 num_train_clients,
+                num_val=num_val_clients,
                 what="alphabets",
                 skipped=skipped,
             )
+            train, val, held = groups["train"], groups["val"], groups["heldout"]
         counts = {s: sum(a.split == s for a in alphabets.values()) for s in SPLITS}
         log.info(
             "Omniglot %s: %d background and %d evaluation alphabets (official: 30 and 20)",
@@ -102,7 +114,7 @@ class OmniglotSource:
             counts["evaluation"],
         )
         self._alphabets = alphabets
-        self._ids = {"train": train, "heldout": held}
+        self._ids = {"train": train, "val": val, "heldout": held}
         self._clients: dict[str, ClientData] = {}
 
     def client_ids(self, split: str = "train") -> list[str]:
@@ -160,5 +172,5 @@ class OmniglotSource:
 
     def _split(self, split: str) -> list[str]:
         if split not in self._ids:
-            raise FedmamlError(f"unknown split {split!r}; use 'train' or 'heldout'")
+            raise FedmamlError(f"unknown split {split!r}; use 'train', 'val' or 'heldout'")
         return self._ids[split]

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedmaml.errors import FedmamlError
+from fedmaml.tasks.inputs import InputSpec, model_inputs
 
 log = logging.getLogger(__name__)
 
@@ -235,11 +236,13 @@ def _alphabet(name: str, split: str, kind: str, origin: str, chars: list[list[st
 
 
 def to_ink(grey: Tensor, image_size: int) -> Tensor:
-    """[n, h, w] grey (1.0 = white) -> [n, s, s] ink = 1 - grey, area-averaged to s x s."""
-    ink = 1.0 - grey.to(torch.float32).unsqueeze(1)
-    if ink.shape[-1] != image_size or ink.shape[-2] != image_size:
-        ink = F.interpolate(ink, size=(image_size, image_size), mode="area")
-    return ink.squeeze(1)
+    """[n, h, w] grey (1.0 = white) -> [n, s, s], area-averaged to s x s, then ink = 1 - grey
+    by :func:`fedmaml.tasks.inputs.model_inputs` (the preprocessing Omniglot checkpoints
+    record)."""
+    grey = grey.to(torch.float32).unsqueeze(1)
+    if grey.shape[-1] != image_size or grey.shape[-2] != image_size:
+        grey = F.interpolate(grey, size=(image_size, image_size), mode="area")
+    return model_inputs(grey, InputSpec((1, image_size, image_size), ink=True)).squeeze(1)
 
 
 def load_alphabet(

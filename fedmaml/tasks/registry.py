@@ -13,6 +13,7 @@ from fedmaml.tasks.episodes import EpisodeSpec
 from fedmaml.tasks.femnist import FemnistSource
 from fedmaml.tasks.local import LocalSource
 from fedmaml.tasks.omniglot import OmniglotSource
+from fedmaml.tasks.protocol import SupportQuerySource
 from fedmaml.tasks.sine import SineFamily
 from fedmaml.tasks.source import TaskSource
 from fedmaml.tasks.tables import RowPartition, TableSource
@@ -24,13 +25,25 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 
 def open_source(cfg: RunConfig) -> TaskSource:
-    """The clients of ``cfg.task`` (train and held-out) from ``cfg.data_path``: Omniglot
-    alphabets, FEMNIST writers or a table's users; clients too small for the episodes
-    ``episode_spec(cfg)`` asks for are skipped (logged). Task ``local`` has no clients here:
-    each deployed node reads its own data (:mod:`fedmaml.tasks.local`)."""
+    """The clients of ``cfg.task`` (train, validation and held-out) from ``cfg.data_path``:
+    Omniglot alphabets, FEMNIST writers or a table's users; clients too small for the episodes
+    ``episode_spec(cfg)`` asks for are skipped (logged) before the counts are checked. With
+    ``support-fraction`` every client is split into its support and query sets
+    (:mod:`fedmaml.tasks.protocol`). Task ``local`` has no clients here: each deployed node
+    reads its own data (:mod:`fedmaml.tasks.local`)."""
+    source = _open(cfg)
+    if cfg.support_fraction > 0 and cfg.task != "local":
+        return SupportQuerySource(source, cfg.support_fraction, cfg.seed)
+    return source
+
+
+def _open(cfg: RunConfig) -> TaskSource:
     if cfg.task == "sine":
         return SineFamily(
-            seed=cfg.seed, num_train=cfg.num_train_clients, num_heldout=cfg.num_heldout_clients
+            seed=cfg.seed,
+            num_train=cfg.num_train_clients,
+            num_heldout=cfg.num_heldout_clients,
+            num_val=cfg.num_val_clients,
         )
     if cfg.task == "omniglot":
         return OmniglotSource(
@@ -38,6 +51,7 @@ def open_source(cfg: RunConfig) -> TaskSource:
             seed=cfg.seed,
             num_train_clients=cfg.num_train_clients,
             num_heldout_clients=cfg.num_heldout_clients,
+            num_val_clients=cfg.num_val_clients,
             spec=episode_spec(cfg),
             cache_dir=cfg.cache_dir or None,
         )
@@ -47,6 +61,7 @@ def open_source(cfg: RunConfig) -> TaskSource:
             seed=cfg.seed,
             num_train_clients=cfg.num_train_clients,
             num_heldout_clients=cfg.num_heldout_clients,
+            num_val_clients=cfg.num_val_clients,
             spec=episode_spec(cfg),
         )
     if cfg.task == "table":
@@ -58,6 +73,7 @@ def open_source(cfg: RunConfig) -> TaskSource:
             seed=cfg.seed,
             num_heldout_clients=cfg.num_heldout_clients,
             num_train_clients=cfg.num_train_clients,
+            num_val_clients=cfg.num_val_clients,
             spec=episode_spec(cfg),
             partition=RowPartition(
                 scheme=cfg.partition,
@@ -77,4 +93,9 @@ def loss_function(source: TaskSource) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def episode_spec(cfg: RunConfig) -> EpisodeSpec:
-    return EpisodeSpec(support=cfg.support_size, query=cfg.query_size, ways=cfg.ways or None)
+    return EpisodeSpec(
+        support=cfg.support_size,
+        query=cfg.query_size,
+        ways=cfg.ways or None,
+        fraction=cfg.support_fraction or None,
+    )

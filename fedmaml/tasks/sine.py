@@ -18,15 +18,16 @@ from fedmaml.tasks.episodes import ClientData
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
 X_RANGE = (-5.0, 5.0)
-_SPLIT_OFFSET = {"train": 0, "heldout": 1_000_003}
+_SPLIT_OFFSET = {"train": 0, "heldout": 1_000_003, "val": 1_700_021}
 
 
 @dataclass(frozen=True)
 class SineFamily:
     """A seeded, reproducible population of sinusoid clients.
 
-    ``split="train"`` clients take part in training; ``split="heldout"`` clients are unseen tasks
-    drawn from the same distribution with a disjoint random stream.
+    ``split="train"`` clients take part in training; ``split="heldout"`` (test) and
+    ``split="val"`` (validation) clients are unseen tasks drawn from the same distribution with
+    random streams of their own.
     """
 
     seed: int = 0
@@ -34,20 +35,21 @@ class SineFamily:
     num_train: int = 100
     num_heldout: int = 20
     loss: str = "mse"
+    num_val: int = 0
 
     def __post_init__(self) -> None:
         if self.points < 2:
             raise FedmamlError(f"a sinusoid client needs at least 2 points (got {self.points})")
 
     def num_clients(self, split: str) -> int:
-        return self.num_train if split == "train" else self.num_heldout
+        return {"train": self.num_train, "val": self.num_val}.get(split, self.num_heldout)
 
     def model_kwargs(self) -> dict[str, int]:
         return {}
 
     def client(self, index: int, split: str = "train") -> ClientData:
         if split not in _SPLIT_OFFSET:
-            raise FedmamlError(f"unknown split {split!r}; use 'train' or 'heldout'")
+            raise FedmamlError(f"unknown split {split!r}; use 'train', 'val' or 'heldout'")
         if not 0 <= index < self.num_clients(split):
             raise FedmamlError(
                 f"sinusoid {split} client {index} does not exist "

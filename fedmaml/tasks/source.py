@@ -10,7 +10,9 @@ from typing import Protocol
 
 from fedmaml.tasks.episodes import ClientData
 
-SPLITS = ("train", "heldout")
+#: training clients, validation clients (never trained on; the personalization recipe is
+#: chosen on them), held-out clients (never trained on; unseen users, the test group)
+SPLITS = ("train", "val", "heldout")
 
 
 class TaskSource(Protocol):
@@ -20,7 +22,8 @@ class TaskSource(Protocol):
     loss: str
 
     def num_clients(self, split: str) -> int:
-        """How many clients the split holds (train: seen in training; heldout: never seen)."""
+        """How many clients the split holds (train: seen in training; val and heldout: never
+        seen)."""
         ...
 
     def client(self, index: int, split: str = "train") -> ClientData:

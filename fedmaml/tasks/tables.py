@@ -25,7 +25,7 @@ from torch import Tensor
 
 from fedmaml.errors import FedmamlError
 from fedmaml.tasks.episodes import ClientData, EpisodeSpec
-from fedmaml.tasks.partition import holdout_split, keep_usable, partition_rows, split_clients
+from fedmaml.tasks.partition import holdout_split, keep_usable, partition_rows, split_groups
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -207,8 +207,9 @@ class TableSource:
 
     Clients: one per user of ``user_column`` (ids sorted as text); with ``user_column=""`` the
     rows are partitioned into clients as ``partition`` says (iid, dirichlet or pathological).
-    Clients that cannot give ``spec``'s episodes are skipped (logged). ``num_heldout_clients``
-    of the rest are held out as unseen clients (:func:`split_clients`), and every client's rows
+    Clients that cannot give ``spec``'s episodes are skipped (logged; reasons in ``dropped``).
+    ``num_heldout_clients`` of the rest are held out as unseen clients and ``num_val_clients``
+    kept for validation (:func:`split_groups`), and every client's rows
     are split into a training pool and a held-out pool of share ``heldout_fraction`` (stratified
     by class for classification). The whole table is validated and converted once, so
     ``client(i)`` only indexes.
@@ -225,6 +226,7 @@ class TableSource:
         seed: int = 0,
         num_heldout_clients: int = 0,
         num_train_clients: int | None = None,
+        num_val_clients: int = 0,
         spec: EpisodeSpec | None = None,
         classification: bool | None = None,
         num_classes: int | None = None,
@@ -260,17 +262,24 @@ class TableSource:
         else:
             how = partition or RowPartition()
             rows = self._partition(
-                df, label_column, how, num_train_clients, num_heldout_clients, seed
-            )
+                df, label_column, how, num_train_clients, num_heldout_clients + num_val_clients,
+                seed,
+            )  # fmt: skip
         self._pools = {
             cid: self._pools_of(torch.from_numpy(idx), (seed * 1_000_003 + k) % 2**64)
             for k, (cid, idx) in enumerate(rows.items())
         }
-        usable = keep_usable(list(rows), self._pool_labels, spec, "clients")
-        train, held = split_clients(
-            usable, num_heldout_clients, seed, num_train_clients, skipped=len(rows) - len(usable)
+        #: clients too small for the episodes, with the reason, dropped before the counts
+        self.dropped: dict[str, str] = {}
+        usable = keep_usable(list(rows), self._pool_labels, spec, "clients", self.dropped)
+        self._ids = split_groups(
+            usable,
+            num_heldout_clients,
+            seed,
+            num_train_clients,
+            num_val=num_val_clients,
+            skipped=len(self.dropped),
         )
-        self._ids = {"train": train, "heldout": held}
         self._clients: dict[tuple[str, int], ClientData] = {}
 
     def _partition(
@@ -306,6 +315,9 @@ class TableSource:
         row): the least a Dirichlet partition gives each client."""
         if self.spec is None:
             return 1
+        if self.spec.fraction is not None:  # whole sets: both must reach their sizes
+            f = self.spec.fraction
+            return math.ceil(max(self.spec.support / f, self.spec.query / (1 - f))) + 1
         per_episode = (self.spec.support + self.spec.query) * (self.spec.ways or 1)
         return math.ceil(per_episode / (1 - self.heldout_fraction)) + 1
 
@@ -357,5 +369,5 @@ class TableSource:
 
     def _split(self, split: str) -> list[str]:
         if split not in self._ids:
-            raise FedmamlError(f"unknown split {split!r}; use 'train' or 'heldout'")
+            raise FedmamlError(f"unknown split {split!r}; use 'train', 'val' or 'heldout'")
         return self._ids[split]
