@@ -419,6 +419,11 @@ class RunConfig:
         return max(int(self.num_train_clients * self.fraction_train), self.min_train_nodes)
 
     @property
+    def simulated_nodes(self) -> int:
+        """The simulated SuperNodes a run needs: ⌈(train + held-out clients) / users-per-node⌉."""
+        return -(-(self.num_train_clients + self.num_heldout_clients) // self.users_per_node)
+
+    @property
     def clip_norm(self) -> float:
         """The norm each client clips its update to before sending it (0: none): ``dp-clip``,
         or under secure aggregation ``max-update-norm`` when it is smaller or dp-clip unset."""

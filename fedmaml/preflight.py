@@ -37,27 +37,29 @@ class Ready:
         return bool(self.resumed_from) and self.round >= cfg.num_rounds
 
 
-def preflight(cfg: RunConfig, *, gpus_per_client: float) -> Ready:
+def preflight(cfg: RunConfig, *, gpus_per_client: float, on_cluster: bool = False) -> Ready:
     """Check ``cfg`` as the ServerApp will (run directory, data and client counts, checkpoint,
     device) and the launcher's own settings; raise one clear FedmamlError, or return what the
-    run will start from."""
+    run will start from. ``on_cluster``: the clients run on an existing Ray cluster, whose
+    workers (not this machine) hold the GPUs."""
     check_run_dir(cfg)
     work = Problem.from_config(cfg)  # opens the data: paths, formats, client counts, device
     begin = start(cfg, work)
-    if gpus_per_client > 0:
+    if gpus_per_client > 0 and not on_cluster:
         import torch
 
         if not torch.cuda.is_available():
             raise FedmamlError(
                 f"--gpus-per-client {gpus_per_client:g} asks for a GPU share per simulated "
-                "client, but no CUDA GPU is visible; use 0 (CPU) or run on a machine with a GPU"
+                "node, but no CUDA GPU is visible; use 0 (CPU), run on a machine with a GPU, or "
+                "give --ray-address of a Ray cluster with GPU workers"
             )
     warnings = []
-    nodes = cfg.num_train_clients + cfg.num_heldout_clients
+    nodes = cfg.simulated_nodes
     if nodes > MANY_NODES:
         warnings.append(
             f"{nodes:,} simulated SuperNodes: Flower registers each one before round 1 (start-up "
             f"grows with their number, about {nodes * 200 / 2**30:.1f} GiB of node state); "
-            "consider fewer clients"
+            "consider fewer clients or more users-per-node"
         )
     return Ready(begin.round, begin.resumed_from, warnings)

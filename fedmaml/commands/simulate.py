@@ -39,7 +39,12 @@ examples:
 """
 
 #: metavars where the key's last word would mislead
-METAVARS = {"fraction_train": "SHARE", "resume": "CHECKPOINT", "eval_every": "ROUNDS"}
+METAVARS = {
+    "fraction_train": "SHARE",
+    "resume": "CHECKPOINT",
+    "eval_every": "ROUNDS",
+    "users_per_node": "USERS",
+}
 
 #: short flags beside the run-config key names
 ALIASES = {
@@ -81,12 +86,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"{RunConfig().clients_per_round})",
     )
     p.add_argument(
-        "--cpus-per-client", type=int, default=1, help="CPU cores per simulated client (default 1)"
+        "--cpus-per-client",
+        type=int,
+        default=1,
+        help="CPU cores per simulated node (it computes users-per-node clients; default 1)",
     )
     p.add_argument(
         "--gpus-per-client",
         type=float,
-        help="GPU share per simulated client (default 0.25 with a GPU, else 0)",
+        help="GPU share per simulated node (default 0.25 with a GPU, else 0)",
     )
     p.add_argument(
         "--ray-address",
@@ -178,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
     )
     progress = RoundProgress(quiet=args.quiet)
     progress.say(f"checking the settings and the data ({base.task})")
-    ready = [preflight(cfg, gpus_per_client=gpus) for cfg in runs]
+    ready = [
+        preflight(cfg, gpus_per_client=gpus, on_cluster=bool(args.ray_address)) for cfg in runs
+    ]
     if args.ray_address:
         from fedmaml.federated.ray_cluster import check_address
 

@@ -37,6 +37,9 @@ from fedmaml.federated.replies import BadReply, NodeInfo, node_info
 from fedmaml.federated.users import Population, User, route, user_replies
 from fedmaml.rundir.recorder import RunRecorder
 
+#: round timeouts the server waits, before the first round, for enough training clients
+STARTUP_TIMEOUTS = 3
+
 
 class NodeRoles:
     """The roles and identities of the nodes seen so far, and the broken ones with a reason."""
@@ -201,9 +204,13 @@ class NodeRoles:
     def wait_for_training(self, grid: Grid, meta_round: int, needed: int) -> list[int]:
         """The training participants, once every connected node has said who it is (in a
         simulation: the one node asked) and ``needed`` of them are there; waits at most the
-        round timeout (less when the federation is complete and cannot grow). Checks the
-        population against the run config the first time."""
-        deadline = time.monotonic() + self.timeout
+        round timeout (less when the federation is complete and cannot grow), before the first
+        round ``STARTUP_TIMEOUTS`` of them: devices are still connecting and a deployed node
+        starts a process per message, and a wait that long would stop the run anyway
+        (``MAX_STARVED_ROUNDS``). Checks the population against the run config the first
+        time."""
+        waits = 1 if self._checked else STARTUP_TIMEOUTS
+        deadline = time.monotonic() + waits * self.timeout
         while True:
             self.refresh(grid, meta_round, wait=max(0.0, deadline - time.monotonic()))
             found = self.participants("train", grid)

@@ -54,7 +54,7 @@ from fedmaml.rundir.names import FLOWER_LOG, SUMMARY
 
 @dataclass(frozen=True)
 class SimulationOptions:
-    num_supernodes: int | None = None  # default: federation_size(cfg)
+    num_supernodes: int | None = None  # default: cfg.simulated_nodes
     client_cpus: int = 1
     client_gpus: float = 0.0
     timeout: float = 3600.0
@@ -102,7 +102,7 @@ def simulate(
         else cfg.data_path,
     )
     log_path = log_path or out_dir / FLOWER_LOG
-    nodes = options.num_supernodes or federation_size(cfg)
+    nodes = options.num_supernodes or cfg.simulated_nodes
     token = new_token()
     with (
         stop_on_signals(),
@@ -166,11 +166,6 @@ def simulate(
     elif runner.returncode != 0:
         raise FedmamlError(f"the Flower run failed (exit {runner.returncode}); see {log_path}")
     return out_dir
-
-
-def federation_size(cfg: RunConfig) -> int:
-    """The simulated SuperNodes a run needs: ⌈(train + held-out clients) / users-per-node⌉."""
-    return -(-(cfg.num_train_clients + cfg.num_heldout_clients) // cfg.users_per_node)
 
 
 def _check_outcome(summary: Path, started: float, log_path: Path) -> None:
