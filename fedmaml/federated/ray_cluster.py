@@ -69,26 +69,15 @@ def _ports(host: str) -> list[str]:
     ]
 
 
-def head_command(
-    port: int,
-    *,
-    host: str = "127.0.0.1",
-    num_cpus: int = 1,
-    num_gpus: int = 0,
-    object_store_mb: int = 200,
+def _node(
+    role: list[str], host: str, num_cpus: int, num_gpus: int, object_store_mb: int
 ) -> list[str]:
-    """``ray start --head`` on ``host:port``, in the foreground, without a dashboard."""
+    """``ray start ROLE... --block`` with the node's resources and free ports."""
     return [
         ray_bin(),
         "start",
-        "--head",
+        *role,
         "--block",
-        "--port",
-        str(port),
-        "--ray-client-server-port",
-        str(free_port()),
-        "--include-dashboard",
-        "false",
         "--disable-usage-stats",
         "--num-cpus",
         str(num_cpus),
@@ -98,6 +87,20 @@ def head_command(
         str(object_store_mb * 2**20),
         *_ports(host),
     ]
+
+
+def head_command(
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    num_cpus: int = 1,
+    num_gpus: int = 0,
+    object_store_mb: int = 200,
+) -> list[str]:
+    """``ray start --head`` on ``host:port``, in the foreground, without a dashboard."""
+    role = ["--head", "--port", str(port), "--ray-client-server-port", str(free_port())]
+    role += ["--include-dashboard", "false"]
+    return _node(role, host, num_cpus, num_gpus, object_store_mb)
 
 
 def worker_command(
@@ -109,18 +112,4 @@ def worker_command(
     object_store_mb: int = 200,
 ) -> list[str]:
     """``ray start`` of a worker node joining the head at ``address``, in the foreground."""
-    return [
-        ray_bin(),
-        "start",
-        "--block",
-        "--address",
-        address,
-        "--disable-usage-stats",
-        "--num-cpus",
-        str(num_cpus),
-        "--num-gpus",
-        str(num_gpus),
-        "--object-store-memory",
-        str(object_store_mb * 2**20),
-        *_ports(host),
-    ]
+    return _node(["--address", address], host, num_cpus, num_gpus, object_store_mb)
