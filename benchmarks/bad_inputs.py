@@ -128,7 +128,7 @@ def cases(f: dict[str, Path], root: Path) -> list[tuple[str, list[str]]]:
             "personalize: a checkpoint without keys",
             ["personalize", "--checkpoint", str(f["nokeys"]), "--data", str(f["good"])],
         ),
-        ("personalize: --steps 0", [*personalize, "--data", str(f["good"]), "--steps", "-1"]),
+        ("personalize: --steps -1", [*personalize, "--data", str(f["good"]), "--steps", "-1"]),
         ("report: a folder without a run", ["report", str(root)]),
         (
             "predict: a training checkpoint",
