@@ -242,3 +242,36 @@ def test_three_users_per_node_move_theta_exactly_as_one_node_per_user(tmp_path):
     for k in theta:
         torch.testing.assert_close(theta1[k], theta[k], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(theta3[k], theta[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_a_node_personalizes_its_listed_users_with_the_recipe_the_server_sent(tmp_path):
+    """The recipe travels in its own record beside the users list; each listed user's device
+    model is personalized by it (not by the run's defaults)."""
+    from flwr.app import Context
+
+    from fedmaml.federated import client_app
+    from fedmaml.personalize import load_personalized
+
+    cfg = RunConfig(num_train_clients=2, num_heldout_clients=0, out_dir=str(tmp_path))
+    theta = Problem.from_config(cfg).initial_params()
+    content = RecordDict(
+        {
+            keys.ARRAYS: to_record(theta),
+            keys.RECIPE: ConfigRecord({"steps": 2, "adapt": "head", "lr": 0.05}),
+            keys.CONFIG: ConfigRecord({keys.USERS: ["train-0", "train-1"]}),
+        }
+    )
+    msg = Message(content, dst_node_id=7, message_type=keys.PERSONALIZE_TYPE)
+    msg.metadata.__dict__["_message_id"] = "m1"
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 1},
+        state=RecordDict(),
+        run_config=cfg.to_mapping(),
+    )
+    client_app.personalize(msg, context)
+    for user in ("train-0", "train-1"):
+        model = load_personalized(tmp_path / "personalized" / f"{user}.pt")
+        assert (model.steps, model.adapted) == (2, "head")

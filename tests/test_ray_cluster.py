@@ -121,3 +121,18 @@ def test_an_address_no_ray_cluster_answers_at_stops_before_flower(tmp_path):
         simulate(cfg, SimulationOptions(ray_address=f"127.0.0.1:{free_port()}"))
     with pytest.raises(FedmamlError, match="is not HOST:PORT"):
         simulate(cfg, SimulationOptions(ray_address="ray-head"))
+
+
+def test_a_gpu_share_on_a_cluster_is_not_refused_for_want_of_a_local_gpu(tmp_path):
+    """With --ray-address the GPUs are the cluster workers'; without it, a GPU share on a machine
+    that sees no CUDA GPU is one clear error (this machine has none)."""
+    import torch
+
+    from fedmaml.preflight import preflight
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = RunConfig(num_train_clients=2, num_heldout_clients=0, out_dir=str(tmp_path / "r"))
+    with pytest.raises(FedmamlError, match="no CUDA GPU"):
+        preflight(cfg, gpus_per_client=0.5)
+    assert preflight(cfg, gpus_per_client=0.5, on_cluster=True).round == 0

@@ -212,6 +212,7 @@ def test_noise_added_after_unmasking_has_std_sigma_c_over_n(tmp_path):
         ({"secagg_threshold": 11}, "an integer in 6..10"),
         ({"secagg_bits": 29}, "an integer in 2..28"),
         ({"secagg_clip_range": -1.0}, "'secagg-clip-range'"),
+        ({"users_per_node": 2}, "masks its own update with its own keys"),
     ],
 )
 def test_settings_that_need_individual_updates_or_break_the_protocol_are_refused(changes, words):
