@@ -275,3 +275,37 @@ def test_a_node_personalizes_its_listed_users_with_the_recipe_the_server_sent(tm
     for user in ("train-0", "train-1"):
         model = load_personalized(tmp_path / "personalized" / f"{user}.pt")
         assert (model.steps, model.adapted) == (2, "head")
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_each_listed_user_clips_its_update_on_the_device_like_a_node_does(tmp_path):
+    """Under dp-clip every user's Δ leaves the node clipped to C, and says so."""
+    import math
+
+    from flwr.app import Context
+
+    from fedmaml.federated import client_app
+
+    cfg = RunConfig(num_train_clients=2, num_heldout_clients=0, dp_clip=1e-4, out_dir=str(tmp_path))
+    theta = Problem.from_config(cfg).initial_params()
+    content = RecordDict(
+        {
+            keys.ARRAYS: to_record(theta),
+            keys.CONFIG: ConfigRecord({keys.USERS: ["train-0", "train-1"], keys.META_ROUND: 1}),
+        }
+    )
+    msg = Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
+    msg.metadata.__dict__["_message_id"] = "m2"
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 1},
+        state=RecordDict(),
+        run_config=cfg.to_mapping(),
+    )
+    reply = client_app.train(msg, context)
+    for user in ("train-0", "train-1"):
+        update = from_record(reply.content[keys.user_record(keys.ARRAYS, user)])
+        norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in update.values()))
+        assert norm == pytest.approx(1e-4, rel=1e-4)
+        assert reply.content[keys.user_record(keys.METRICS, user)][keys.CLIPPED_ON_DEVICE] == 1.0

@@ -31,7 +31,13 @@ from fedmaml.federated import keys
 from fedmaml.federated.app_logging import through_flower
 from fedmaml.federated.client_errors import one_line_errors
 from fedmaml.federated.many_users import serves_users
-from fedmaml.federated.records import from_record, run_config, sent_recipe, to_record
+from fedmaml.federated.records import (
+    evaluation_content,
+    from_record,
+    run_config,
+    sent_recipe,
+    train_content,
+)
 from fedmaml.federated.secagg_client import secure_aggregation_mod
 
 if TYPE_CHECKING:
@@ -79,23 +85,11 @@ def describe(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Δ = −g for this client's episodes of the round (clipped to the run's norm bound, if
     any), and its query metrics."""
-    from fedmaml.federated.privacy import clip_to_norm
-
     cfg, identity, client, work = _node(context)
     params = from_record(msg.content[keys.ARRAYS])
     meta_round = int(msg.content[keys.CONFIG][keys.META_ROUND])
     grads, metrics = work.client_meta_gradient(params, client, identity.index, meta_round)
-    update = {k: -g for k, g in grads.items()}
-    values = {
-        keys.NUM_EXAMPLES: int(metrics.pop("num_query")),
-        **{keys.metric_key(k): v for k, v in metrics.items()},
-    }
-    if cfg.clip_norm > 0:
-        update, clipped = clip_to_norm(update, cfg.clip_norm)
-        values[keys.CLIPPED_ON_DEVICE] = float(clipped)
-    reply = MetricRecord(values)
-    content = RecordDict({keys.ARRAYS: to_record(update), keys.METRICS: reply})
-    return Message(content, reply_to=msg)
+    return Message(train_content(cfg, grads, metrics), reply_to=msg)
 
 
 @app.evaluate()
@@ -106,10 +100,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     curve, num_query = work.evaluation_curve(
         from_record(msg.content[keys.ARRAYS]), client, identity.index
     )
-    values: dict[str, float | int] = {keys.NUM_EXAMPLES: num_query}
-    for k, entry in enumerate(curve):
-        values.update({f"{name}-{k}": v for name, v in entry.items()})
-    return Message(RecordDict({keys.METRICS: MetricRecord(values)}), reply_to=msg)
+    return Message(evaluation_content(curve, num_query), reply_to=msg)
 
 
 @app.query("personalize")

@@ -24,7 +24,13 @@ from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import keys
 from fedmaml.federated.client_errors import reason
-from fedmaml.federated.records import from_record, run_config, sent_recipe, to_record
+from fedmaml.federated.records import (
+    evaluation_content,
+    from_record,
+    run_config,
+    sent_recipe,
+    train_content,
+)
 from fedmaml.federated.users import User
 
 if TYPE_CHECKING:
@@ -56,18 +62,7 @@ def train(msg: Message, context: Context, users: list[User]) -> Message:
         if isinstance(result, Exception):
             outcome[user] = result
             continue
-        grads, metrics = result
-        outcome[user] = RecordDict(
-            {
-                keys.ARRAYS: to_record({k: -g for k, g in grads.items()}),
-                keys.METRICS: MetricRecord(
-                    {
-                        keys.NUM_EXAMPLES: int(metrics.pop("num_query")),
-                        **{keys.metric_key(k): v for k, v in metrics.items()},
-                    }
-                ),
-            }
-        )
+        outcome[user] = train_content(cfg, *result)
     return _reply(msg, users, outcome, clients)
 
 
@@ -85,11 +80,7 @@ def evaluate(msg: Message, context: Context, users: list[User]) -> Message:
         if isinstance(result, Exception):
             outcome[user] = result
             continue
-        curve, num_query = result
-        values: dict[str, float | int] = {keys.NUM_EXAMPLES: num_query}
-        for k, entry in enumerate(curve):
-            values.update({f"{name}-{k}": v for name, v in entry.items()})
-        outcome[user] = RecordDict({keys.METRICS: MetricRecord(values)})
+        outcome[user] = evaluation_content(*result)
     return _reply(msg, users, outcome, clients)
 
 

@@ -1,4 +1,5 @@
-"""Conversions between fedmaml's objects and Flower records."""
+"""Conversions between fedmaml's objects and Flower records, and the records a client's
+training and evaluation replies hold (one node's or each of many users')."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from fedmaml.config import RunConfig
 from fedmaml.federated import keys
@@ -36,3 +37,28 @@ def sent_recipe(msg: Message) -> dict[str, Any] | None:
     """The personalization recipe a ``query.personalize`` message carries (None: none)."""
     record = msg.content.config_records.get(keys.RECIPE)
     return dict(record) if record is not None else None
+
+
+def train_content(cfg: RunConfig, grads: Mapping[str, Any], metrics: dict[str, Any]) -> RecordDict:
+    """A training reply: Δ = −g, clipped on the device to the run's norm bound when there is
+    one (``RunConfig.clip_norm``: ``clipped-on-device`` says whether it was scaled), and the
+    query metrics with the query count as ``num-examples``."""
+    from fedmaml.federated.privacy import clip_to_norm
+
+    update = {k: -g for k, g in grads.items()}
+    values = {
+        keys.NUM_EXAMPLES: int(metrics.pop("num_query")),
+        **{keys.metric_key(k): v for k, v in metrics.items()},
+    }
+    if cfg.clip_norm > 0:
+        update, clipped = clip_to_norm(update, cfg.clip_norm)
+        values[keys.CLIPPED_ON_DEVICE] = float(clipped)
+    return RecordDict({keys.ARRAYS: to_record(update), keys.METRICS: MetricRecord(values)})
+
+
+def evaluation_content(curve: list[dict[str, float]], num_query: int) -> RecordDict:
+    """An evaluation reply: the metrics after k = 0..K steps (``loss-k``, ``accuracy-k``)."""
+    values: dict[str, float | int] = {keys.NUM_EXAMPLES: num_query}
+    for k, entry in enumerate(curve):
+        values.update({f"{name}-{k}": v for name, v in entry.items()})
+    return RecordDict({keys.METRICS: MetricRecord(values)})
