@@ -106,20 +106,31 @@ def strategy_over_users(tmp_path, aggregator) -> MetaStrategy:
     return strategy
 
 
-def many_users_reply(sent: Message, per_user: dict[str, object]) -> Message:
-    """A node's reply in the many-users format: each user's update, or its error line."""
+def many_users_reply(
+    sent: Message, per_user: dict[str, object], examples: dict[str, int] | None = None
+) -> Message:
+    """A node's reply in the many-users format: each user's metrics (``examples`` query
+    examples, default 10) or its error line, and the users' updates stacked a row per user."""
     content = RecordDict()
-    errors = {}
+    errors, rows = {}, {}
     for user, grads in per_user.items():
         if isinstance(grads, str):
             errors[user] = grads
             continue
-        content[keys.user_record(keys.ARRAYS, user)] = to_record({k: -g for k, g in grads.items()})
+        rows[user] = {k: -g for k, g in grads.items()}
         content[keys.user_record(keys.METRICS, user)] = MetricRecord(
-            {keys.NUM_EXAMPLES: 10, "loss-before": 2.0, "loss-after": 1.0}
+            {
+                keys.NUM_EXAMPLES: (examples or {}).get(user, 10),
+                "loss-before": 2.0 + len(rows),
+                "loss-after": 1.0,
+            }
         )
     content[keys.USER_ERRORS] = ConfigRecord(errors)
     content[keys.USER_NAMES] = ConfigRecord({u: f"data-{u}" for u in per_user})
+    if rows:
+        stacked = {k: torch.stack([r[k] for r in rows.values()]) for k in THETA}
+        content[keys.USER_ARRAYS] = to_record(stacked)
+        content[keys.USER_ROWS] = ConfigRecord({keys.USERS: list(rows)})
     return Message(content, reply_to=sent)
 
 
@@ -196,6 +207,69 @@ def test_a_node_that_fails_as_a_whole_fails_each_of_its_users(tmp_path):
         torch.testing.assert_close(new[k], THETA[k] - (g0[k] + g2[k]) / 2)
     failed = [r for r in strategy.recorder.clients if r["status"] == "failed"]
     assert [r["client"] for r in failed] == [1] and "MemoryError" in failed[0]["reason"]
+
+
+class SubclassedFedAvg(FedAvg):
+    """FedAvg by inheritance: aggregated by Flower's own ``aggregate_train``, not in place."""
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_fedavg_computed_in_place_is_bit_identical_to_flowers_fedavg(tmp_path):
+    """MetaStrategy averages for a plain FedAvg itself, on the checked arrays; θ and the
+    metrics must be exactly what Flower's FedAvg.aggregate_train gives (weighted by examples)."""
+    results = {}
+    for aggregator in (FedAvg, SubclassedFedAvg):
+        strategy = strategy_over_users(tmp_path / aggregator.__name__, aggregator(
+            weighted_by_key=keys.WEIGHT))  # fmt: skip
+        strategy.cfg = strategy.cfg.replace(aggregation="weighted")
+        per_user = [
+            Message(RecordDict({}), dst_node_id=p, message_type=MessageType.TRAIN)
+            for p in (1, 2, 3, 4)
+        ]
+        node11, node12 = sorted(
+            strategy.dispatch.out("train", per_user, [11, 12]),
+            key=lambda m: m.metadata.dst_node_id,
+        )
+        gs = {f"train-{i}": grads_like(s) for i, s in enumerate((0.3, -1.7, 2.9, 0.01))}
+        examples = {"train-0": 3, "train-1": 7, "train-2": 10, "train-3": 1}
+        replies = [
+            many_users_reply(node11, {u: gs[u] for u in ("train-0", "train-2")}, examples),
+            many_users_reply(node12, {u: gs[u] for u in ("train-1", "train-3")}, examples),
+        ]
+        arrays, metrics = strategy.aggregate_train(1, replies)
+        results[aggregator] = (from_record(arrays), dict(metrics))
+    (fast, fast_metrics), (flower, flower_metrics) = results[FedAvg], results[SubclassedFedAvg]
+    for k in THETA:
+        assert torch.equal(fast[k], flower[k]), k
+    assert fast_metrics == flower_metrics and "loss-before" in fast_metrics
+    weighted = sum(examples[u] * gs[u]["w"] for u in gs) / sum(examples.values())
+    torch.testing.assert_close(fast["w"], THETA["w"] - weighted)
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_a_stack_that_cannot_be_read_fails_its_nodes_users_and_a_missing_row_one_user(tmp_path):
+    strategy = strategy_over_users(tmp_path, FedAvg(weighted_by_key=keys.WEIGHT))
+    per_user = [
+        Message(RecordDict({}), dst_node_id=p, message_type=MessageType.TRAIN) for p in (1, 2, 3, 4)
+    ]
+    node11, node12 = sorted(
+        strategy.dispatch.out("train", per_user, [11, 12]), key=lambda m: m.metadata.dst_node_id
+    )
+    g0, g2 = grads_like(1.0), grads_like(2.0)
+    good = many_users_reply(node11, {"train-0": g0, "train-2": g2})
+    good.content[keys.USER_ROWS] = ConfigRecord({keys.USERS: ["train-0", "train-9"]})
+    bad = many_users_reply(node12, {"train-1": g0, "train-3": g2})
+    bad.content[keys.USER_ARRAYS] = to_record(
+        {k: torch.zeros(3, *v.shape) for k, v in THETA.items()}
+    )
+    arrays, _ = strategy.aggregate_train(1, [good, bad])
+    assert arrays is None  # one valid reply, fewer than min-train-nodes = 2
+    rows = {r["client"]: r for r in strategy.recorder.clients if r["phase"] == "train"}
+    assert rows[0]["status"] == "ok"
+    assert rows[2]["status"] == "failed" and "no update for this user" in rows[2]["reason"]
+    for client in (1, 3):
+        assert rows[client]["status"] == "failed"
+        assert "has shape (3, 2, 2), expected (2, 2, 2)" in rows[client]["reason"]
 
 
 # --------------------------------------------------------------------------- real simulations
@@ -304,8 +378,9 @@ def test_each_listed_user_clips_its_update_on_the_device_like_a_node_does(tmp_pa
         run_config=cfg.to_mapping(),
     )
     reply = client_app.train(msg, context)
-    for user in ("train-0", "train-1"):
-        update = from_record(reply.content[keys.user_record(keys.ARRAYS, user)])
-        norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in update.values()))
+    assert list(reply.content[keys.USER_ROWS][keys.USERS]) == ["train-0", "train-1"]
+    stacked = from_record(reply.content[keys.USER_ARRAYS])
+    for row, user in enumerate(("train-0", "train-1")):
+        norm = math.sqrt(sum(float((v[row].double() ** 2).sum()) for v in stacked.values()))
         assert norm == pytest.approx(1e-4, rel=1e-4)
         assert reply.content[keys.user_record(keys.METRICS, user)][keys.CLIPPED_ON_DEVICE] == 1.0

@@ -12,14 +12,22 @@ as it would see nodes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedmaml.federated import keys
+from fedmaml.federated.replies import (
+    BadReply,
+    TrainUpdate,
+    UpdateSpec,
+    train_update,
+    user_update,
+)
 from fedmaml.federated.roles import NodeRoles
 from fedmaml.federated.round_log import RoundLog
-from fedmaml.federated.users import user_names, user_replies
+from fedmaml.federated.users import user_names, user_replies, user_rows
 
 
 class Dispatch:
@@ -59,11 +67,32 @@ class Dispatch:
         """One reply per participant: the replies as they are for deployed nodes; in a
         simulation each node's reply split into its users' (``records`` under their plain
         names, or the user's failure). Replies from nodes that were not asked are dropped."""
-        nodes = self._nodes.get(phase)
-        if not nodes:
+        if not self._nodes.get(phase):
             return list(replies)
-        asked = self._asked[phase]
+        split = self._split(phase, replies, records)
+        return [m for _, per_user in split for m in per_user.values()]
+
+    def train_updates(
+        self, replies: Iterable[Message], spec: UpdateSpec
+    ) -> list[tuple[Message, TrainUpdate | BadReply]]:
+        """One (reply, checked update or why not) per training participant: a deployed node's
+        reply checked as it is (:func:`train_update`); in a simulation each user's part of its
+        node's reply, its row of the stacked update read once per reply (:func:`user_rows`)
+        and checked as a node's update is (:func:`user_update`)."""
+        if not self._nodes.get("train"):
+            return [(m, _checked(train_update, m, spec)) for m in replies]
         out = []
+        for reply, per_user in self._split("train", replies, (keys.METRICS,)):
+            rows = user_rows(reply, list(per_user), spec)
+            out.extend((m, _checked(user_update, m, rows[u], spec)) for u, m in per_user.items())
+        return out
+
+    def _split(
+        self, phase: str, replies: Iterable[Message], records: tuple[str, ...]
+    ) -> Iterator[tuple[Message, dict[str, Message]]]:
+        """Each asked node's reply with its users' plain replies (by user key); the data
+        identities the reply gives its users are kept for the tables."""
+        nodes, asked = self._nodes[phase], self._asked[phase]
         for reply in replies:
             participants = nodes.get(reply.metadata.src_node_id)
             if participants is None:
@@ -72,6 +101,11 @@ class Dispatch:
             for key, name in user_names(reply).items():
                 if key in by_key:
                     self.roles.names[by_key[key]] = name
-            per_user = user_replies(reply, {k: asked[p] for k, p in by_key.items()}, records)
-            out.extend(per_user.values())
-        return out
+            yield reply, user_replies(reply, {k: asked[p] for k, p in by_key.items()}, records)
+
+
+def _checked(check: Callable[..., TrainUpdate], *args: Any) -> TrainUpdate | BadReply:
+    try:
+        return check(*args)
+    except BadReply as exc:
+        return exc

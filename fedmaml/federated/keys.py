@@ -68,8 +68,14 @@ CLIPPED_ON_DEVICE = "clipped-on-device"
 
 # ---------------------------------------------------------------- users (fedmaml.federated.users)
 #: in a message's config: the users (``train-3``, ``heldout-0``) the node computes for; their
-#: replies travel in records named ``<record>.<user>`` (:func:`user_record`)
+#: replies travel in records named ``<record>.<user>`` (:func:`user_record`), except the
+#: training updates, stacked (below)
 USERS = "users"
+#: ArrayRecord of a many-users training reply: each of θ's arrays with the users' updates Δ_u
+#: stacked along a first axis, one row per user of USER_ROWS
+USER_ARRAYS = "user-arrays"
+#: ConfigRecord of a many-users training reply: ``users``, the user of each row of USER_ARRAYS
+USER_ROWS = "user-rows"
 #: ConfigRecord of a many-users reply: each failed user's one-line reason
 USER_ERRORS = "user-errors"
 #: ConfigRecord of a many-users reply: each user's data identity (client id)

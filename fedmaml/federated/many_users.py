@@ -7,9 +7,10 @@ serves any user of the run's task source, all of which it can open; a deployed n
 own user only. The handlers compute all users at once where the core can
 (:meth:`fedmaml.problem.Problem.users_meta_gradients`,
 :meth:`~fedmaml.problem.Problem.evaluation_curves`) and reply each user's records separately,
-named ``<record>.<user>``; a user that fails is listed with its reason in ``user-errors`` and
-the others are unaffected. Each user's records are exactly those of a one-user reply, so the
-server checks each one as it checks a node's reply.
+named ``<record>.<user>`` (the training updates stacked, a row per user); a user that fails is
+listed with its reason in ``user-errors`` and the others are unaffected. Each user's records
+hold exactly what a one-user reply holds, so the server checks each one as it checks a node's
+reply.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedmaml.config import RunConfig
@@ -29,7 +31,8 @@ from fedmaml.federated.records import (
     from_record,
     run_config,
     sent_recipe,
-    train_content,
+    to_record,
+    train_values,
 )
 from fedmaml.federated.users import User
 
@@ -48,7 +51,10 @@ def listed_users(msg: Message) -> list[User] | None:
 
 
 def train(msg: Message, context: Context, users: list[User]) -> Message:
-    """Δ_u = −g_u and the query metrics of each listed user, computed in one batch."""
+    """Δ_u = −g_u and the query metrics of each listed user, computed in one batch. The users'
+    Δ_u travel stacked, one array per parameter with a row per user (``user-arrays``, the rows'
+    users in ``user-rows``): one array to encode here and to decode on the server instead of
+    one per user and parameter; each user's metrics travel as ``metrics.<user>``."""
     cfg, work = _work(context)
     clients = _clients(context.node_config, cfg, users)
     params = from_record(msg.content[keys.ARRAYS])
@@ -58,12 +64,21 @@ def train(msg: Message, context: Context, users: list[User]) -> Message:
     outcome: dict[User, RecordDict | Exception] = {
         u: clients[u] for u in users if isinstance(clients[u], Exception)
     }
+    updates: dict[User, dict[str, Any]] = {}
     for user, result in zip(ready, results, strict=True):
         if isinstance(result, Exception):
             outcome[user] = result
             continue
-        outcome[user] = train_content(cfg, *result)
-    return _reply(msg, users, outcome, clients)
+        updates[user], values = train_values(cfg, *result)
+        outcome[user] = RecordDict({keys.METRICS: values})
+    reply = _reply(msg, users, outcome, clients)
+    if updates:
+        rows = list(updates.values())
+        reply.content[keys.USER_ARRAYS] = to_record(
+            {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
+        )
+        reply.content[keys.USER_ROWS] = ConfigRecord({keys.USERS: [u.key for u in updates]})
+    return reply
 
 
 def evaluate(msg: Message, context: Context, users: list[User]) -> Message:

@@ -39,10 +39,14 @@ def sent_recipe(msg: Message) -> dict[str, Any] | None:
     return dict(record) if record is not None else None
 
 
-def train_content(cfg: RunConfig, grads: Mapping[str, Any], metrics: dict[str, Any]) -> RecordDict:
-    """A training reply: Δ = −g, clipped on the device to the run's norm bound when there is
-    one (``RunConfig.clip_norm``: ``clipped-on-device`` says whether it was scaled), and the
-    query metrics with the query count as ``num-examples``."""
+def train_values(
+    cfg: RunConfig, grads: Mapping[str, Any], metrics: dict[str, Any]
+) -> tuple[dict[str, Any], MetricRecord]:
+    """What a client's training reply says: Δ = −g, clipped on the device to the run's norm
+    bound when there is one (``RunConfig.clip_norm``: ``clipped-on-device`` says whether it was
+    scaled), and the query metrics with the query count as ``num-examples``. One node replies
+    them as :func:`train_content`; a node of many users stacks its users' Δ
+    (:func:`fedmaml.federated.many_users.train`)."""
     from fedmaml.federated.privacy import clip_to_norm
 
     update = {k: -g for k, g in grads.items()}
@@ -53,7 +57,13 @@ def train_content(cfg: RunConfig, grads: Mapping[str, Any], metrics: dict[str, A
     if cfg.clip_norm > 0:
         update, clipped = clip_to_norm(update, cfg.clip_norm)
         values[keys.CLIPPED_ON_DEVICE] = float(clipped)
-    return RecordDict({keys.ARRAYS: to_record(update), keys.METRICS: MetricRecord(values)})
+    return update, MetricRecord(values)
+
+
+def train_content(cfg: RunConfig, grads: Mapping[str, Any], metrics: dict[str, Any]) -> RecordDict:
+    """One node's training reply: :func:`train_values` as an ArrayRecord and a MetricRecord."""
+    update, values = train_values(cfg, grads, metrics)
+    return RecordDict({keys.ARRAYS: to_record(update), keys.METRICS: values})
 
 
 def evaluation_content(curve: list[dict[str, float]], num_query: int) -> RecordDict:

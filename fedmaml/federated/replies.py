@@ -75,7 +75,7 @@ class TrainUpdate:
 
 
 def train_update(msg: Message, spec: UpdateSpec) -> TrainUpdate:
-    """The checked content of a training reply, or :class:`BadReply`."""
+    """The checked content of one node's training reply, or :class:`BadReply`."""
     if msg.has_error():
         raise BadReply(f"client error: {error_reason(msg)}")
     content = msg.content
@@ -85,7 +85,32 @@ def train_update(msg: Message, spec: UpdateSpec) -> TrainUpdate:
         raise BadReply(
             f"reply must hold one ArrayRecord {keys.ARRAYS!r} and one MetricRecord {keys.METRICS!r}"
         )
-    record = content[keys.ARRAYS]
+    arrays = stacked_arrays(content[keys.ARRAYS], spec, rows=None)
+    return checked_update(arrays, content[keys.METRICS], spec)
+
+
+def user_update(
+    msg: Message, arrays: dict[str, np.ndarray] | BadReply | None, spec: UpdateSpec
+) -> TrainUpdate:
+    """The checked update of one user of a many-users reply, or :class:`BadReply`: ``msg``
+    holds the user's metrics (or its failure), ``arrays`` its row of the reply's stacked
+    update (:func:`fedmaml.federated.users.user_rows`; None when the reply has none for it)."""
+    if msg.has_error():
+        raise BadReply(f"client error: {error_reason(msg)}")
+    if list(msg.content.metric_records) != [keys.METRICS]:
+        raise BadReply(f"reply must hold one MetricRecord {keys.METRICS!r}")
+    if isinstance(arrays, BadReply):
+        raise arrays
+    if arrays is None:
+        raise BadReply("the reply holds no update for this user")
+    return checked_update(arrays, msg.content[keys.METRICS], spec)
+
+
+def stacked_arrays(record: Any, spec: UpdateSpec, rows: int | None) -> dict[str, np.ndarray]:
+    """An update record's arrays, read and cast to θ's dtype, or :class:`BadReply`: θ's keys,
+    each with θ's shape (``rows`` None: one node's update) or with ``rows`` updates stacked
+    along a first axis (a many-users reply), floating point. Finiteness is each update's own
+    check (:func:`checked_update`), so one user's NaN leaves only that user out."""
     if set(record.keys()) != set(spec.shapes):
         raise BadReply("update keys do not match the meta-parameters")
     arrays = {}
@@ -94,18 +119,24 @@ def train_update(msg: Message, spec: UpdateSpec) -> TrainUpdate:
             values = array.numpy()
         except Exception:  # a malformed Array (bad bytes, unknown dtype)
             raise BadReply(f"update {name!r} cannot be read as an array") from None
-        if tuple(values.shape) != spec.shapes[name]:
-            raise BadReply(
-                f"update {name!r} has shape {tuple(values.shape)}, expected {spec.shapes[name]}"
-            )
+        expected = spec.shapes[name] if rows is None else (rows, *spec.shapes[name])
+        if tuple(values.shape) != expected:
+            raise BadReply(f"update {name!r} has shape {tuple(values.shape)}, expected {expected}")
         if values.dtype.kind != "f":
             raise BadReply(f"update {name!r} has dtype {values.dtype}, expected floats")
         with np.errstate(over="ignore", invalid="ignore"):
-            cast = values.astype(spec.dtype)
-        if not np.isfinite(cast).all():
+            arrays[name] = values.astype(spec.dtype)
+    return arrays
+
+
+def checked_update(arrays: dict[str, np.ndarray], record: Any, spec: UpdateSpec) -> TrainUpdate:
+    """One update (θ's keys and shapes, θ's dtype: :func:`stacked_arrays`) with its reply's
+    MetricRecord, checked: finite, an example count the server's episodes can hold, a finite
+    norm; or :class:`BadReply`."""
+    for name, values in arrays.items():
+        if not np.isfinite(values).all():
             raise BadReply(f"update {name!r} holds NaN or Inf (as {spec.dtype})")
-        arrays[name] = cast
-    metrics = plain_metrics(content[keys.METRICS])
+    metrics = plain_metrics(record)
     n = metrics.get(keys.NUM_EXAMPLES)
     if n is None:
         raise BadReply(f"metrics lack {keys.NUM_EXAMPLES!r}")

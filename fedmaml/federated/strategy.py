@@ -50,7 +50,7 @@ from flwr.app import (
 )
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
@@ -63,7 +63,6 @@ from fedmaml.federated.replies import (
     NormBound,
     TrainUpdate,
     UpdateSpec,
-    train_update,
 )
 from fedmaml.federated.roles import NodeRoles
 from fedmaml.federated.round_log import RoundLog
@@ -224,17 +223,16 @@ class MetaStrategy(Strategy):
         self.log.timing.replied()
         if self.secure is not None:
             return self._aggregate_secure(meta_round), None
-        replies = self.dispatch.back("train", replies, (keys.ARRAYS, keys.METRICS))
         messages: dict[int, Message] = {}
         updates: dict[int, TrainUpdate] = {}
         problems: dict[int, str] = {}
-        for m in replies:
+        for m, outcome in self.dispatch.train_updates(replies, self.spec):
             node = m.metadata.src_node_id
             messages[node] = m
-            try:
-                updates[node] = train_update(m, self.spec)
-            except BadReply as exc:
-                problems[node] = str(exc)
+            if isinstance(outcome, BadReply):
+                problems[node] = str(outcome)
+            else:
+                updates[node] = outcome
         key_sets = Counter(tuple(sorted(u.metrics)) for u in updates.values())
         expected = key_sets.most_common(1)[0][0] if key_sets else ()
         for node, update in list(updates.items()):
@@ -246,7 +244,6 @@ class MetaStrategy(Strategy):
             problems[node] = reason
             del updates[node]
         for node, update in updates.items():
-            messages[node].content = self._checked_content(update)
             self.log.row(meta_round, "train", node, "ok", **update.metrics, clipped=node in clipped)
         for node, problem in problems.items():
             log(WARNING, "fedmaml round %d: node %d left out: %s", meta_round, node, problem)
@@ -268,9 +265,8 @@ class MetaStrategy(Strategy):
             )
             self.log.finish_round(meta_round, values | {"updated": False})
             return None, None
-        good = [messages[n] for n in updates]
-        aggregated, metrics = self.aggregator.aggregate_train(server_round, good)
-        if aggregated is None:
+        mean, metrics = self._aggregate(server_round, messages, updates)
+        if mean is None:
             log(WARNING, "fedmaml round %d: aggregation returned nothing: skipped", meta_round)
             self.log.finish_round(meta_round, values | {"updated": False})
             return None, metrics
@@ -282,8 +278,48 @@ class MetaStrategy(Strategy):
                     if k not in keys.IDENTITY and isinstance(v, int | float)
                 }
             )
-        mean = {k: np.array(v.numpy()) for k, v in aggregated.items()}
         return self._update(meta_round, mean, len(updates), values), metrics
+
+    def _aggregate(
+        self, server_round: int, messages: dict[int, Message], updates: dict[int, TrainUpdate]
+    ) -> tuple[dict[str, np.ndarray] | None, MetricRecord | None]:
+        """Δ̄ and the mean metrics of the checked updates, as the wrapped strategy aggregates
+        them: each update goes back into its reply (cast, maybe clipped, with the server's
+        weight) for the strategy's ``aggregate_train``.
+
+        Flower's plain ``FedAvg`` (that class exactly: not a subclass or a wrapper) is computed
+        here instead, on the arrays already decoded and checked, with FedAvg's own arithmetic
+        and order, Δ̄ = Σ_i (w_i / Σ_j w_j) Δ_i accumulated over the replies in turn
+        (bit-identical: tests/test_many_users.py), and its metrics through FedAvg's own
+        ``train_metrics_aggr_fn``. That spares serializing every update into a reply only for
+        FedAvg to deserialize it again: most of the server's time per user with many users.
+        """
+        contents = {n: self._checked_content(u) for n, u in updates.items()}
+        if type(self.aggregator) is not FedAvg:
+            for node, content in contents.items():
+                content[keys.ARRAYS] = ArrayRecord(
+                    {k: Array(v) for k, v in updates[node].arrays.items()}
+                )
+                messages[node].content = content
+            aggregated, metrics = self.aggregator.aggregate_train(
+                server_round, [messages[n] for n in updates]
+            )
+            if aggregated is None:
+                return None, metrics
+            return {k: np.array(v.numpy()) for k, v in aggregated.items()}, metrics
+        by = self.aggregator.weighted_by_key
+        weights = [float(contents[n][keys.METRICS][by]) for n in updates]  # type: ignore[arg-type]
+        total = sum(weights)
+        mean: dict[str, np.ndarray] = {}
+        for update, weight in zip(updates.values(), weights, strict=True):
+            factor = weight / total
+            for name, value in update.arrays.items():
+                if name in mean:
+                    mean[name] += value * factor
+                else:
+                    mean[name] = value * factor
+        metrics = self.aggregator.train_metrics_aggr_fn(list(contents.values()), by)
+        return mean, metrics
 
     def _aggregate_secure(self, meta_round: int) -> ArrayRecord | None:
         """The round's SecAgg+ outcome: every sampled node's row, then θ's update from the
@@ -341,16 +377,12 @@ class MetaStrategy(Strategy):
         return to_record(params)
 
     def _checked_content(self, update: TrainUpdate) -> RecordDict:
-        """A reply's content as the aggregation sees it: the checked (cast, maybe clipped)
-        update, the metrics, and the weight the server gives it."""
+        """A reply's metrics as the aggregation sees them, with the weight the server gives
+        the update (its checked arrays are added by :meth:`_aggregate` when the strategy needs
+        them in the reply)."""
         weight = update.num_examples if self.cfg.aggregation == "weighted" else 1
         metrics = {**update.metrics, keys.NUM_EXAMPLES: update.num_examples, keys.WEIGHT: weight}
-        return RecordDict(
-            {
-                keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in update.arrays.items()}),
-                keys.METRICS: MetricRecord(metrics),
-            }
-        )
+        return RecordDict({keys.METRICS: MetricRecord(metrics)})
 
     # ------------------------------------------------------------------ evaluation
 

@@ -19,7 +19,9 @@ A reply to a message that listed users holds each user's records under ``<record
 (:func:`fedmaml.federated.keys.user_record`), the reasons of users that failed in the
 ConfigRecord ``user-errors``, and their data identities in ``user-names``;
 :func:`user_replies` turns it back into one plain reply per user, which then passes the same
-checks as a node's reply (:mod:`fedmaml.federated.replies`).
+checks as a node's reply (:mod:`fedmaml.federated.replies`). A training reply stacks its users'
+updates, one array per parameter with a row per user (``user-arrays``, ``user-rows``), read
+once for all its users (:func:`user_rows`); each row is then checked as a node's update is.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import Error, Message, RecordDict
 
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import keys
-from fedmaml.federated.replies import error_reason
+from fedmaml.federated.replies import BadReply, UpdateSpec, error_reason, stacked_arrays
 
 #: error code of a per-user failure inside a many-users reply (Flower's "ClientApp raised")
 USER_ERROR_CODE = 2
@@ -145,6 +148,29 @@ def user_replies(
             continue
         out[user] = _failed(sent, f"the reply holds no {keys.user_record(records[0], user)!r}")
     return out
+
+
+def user_rows(
+    reply: Message, users: list[str], spec: UpdateSpec
+) -> dict[str, dict[str, np.ndarray] | BadReply | None]:
+    """Each user's row of a many-users training reply's stacked update (``user-arrays``, the
+    rows' users in ``user-rows``), read once for all of them (:func:`stacked_arrays`): the
+    user's arrays, the reason the stack cannot be read (then every user of the reply fails
+    with it), or None when no row is the user's."""
+    if reply.has_error() or keys.USER_ARRAYS not in reply.content.array_records:
+        return dict.fromkeys(users)
+    content = reply.content
+    order = content.config_records.get(keys.USER_ROWS, {}).get(keys.USERS, [])
+    order = [str(u) for u in order] if isinstance(order, list) else []
+    try:
+        stack = stacked_arrays(content[keys.USER_ARRAYS], spec, rows=len(order))
+    except BadReply as exc:
+        return dict.fromkeys(users, exc)
+    row = {user: i for i, user in enumerate(order)}
+    return {
+        u: {name: values[row[u]] for name, values in stack.items()} if u in row else None
+        for u in users
+    }
 
 
 def user_names(reply: Message) -> dict[str, str]:
