@@ -11,7 +11,16 @@ the handler). ClientApps compared:
 
 * ``trivial``: replies at once (Flower's own floor: 3 s polls, process start, flwr imports);
 * ``trivial+torch``: imports torch, then replies (the floor of any PyTorch ClientApp);
+* ``trivial+arrays``: replies at once with the arrays it received (θ: what a reply carrying an
+  update costs Flower's transport);
 * ``fedmaml``: fedmaml's ClientApp ``train`` (reads its CSV, one MAML meta-gradient).
+
+Each app runs with each of ``--grids``: ``flower``, the ServerApp's ``Grid.send_and_receive`` as
+Flower ships it (a pull, then a fixed 3 s sleep, ``flwr/superlink/grid/http_grid.py``), and
+``prompt``, fedmaml's :class:`~fedmaml.federated.collect.PromptGrid` (the grid fedmaml's
+ServerApp uses: pulls after waits of 10 % of the time waited, at most 0.2 s). *pickup* is a
+round's wall time minus its last reply's message->reply time: what the server's own collection
+adds after the last reply exists (one machine, one clock).
 
 It also times, in fresh processes (median of ``--repeat``), what a node pays per message
 without Flower's transport: the imports of Flower's ClientApp alone, with torch, and with what a
@@ -57,9 +66,11 @@ RUN_CONFIG = {
     "query-size": 5,
     "device": "cpu",
 }
+#: each trivial ClientApp's train body, and the records of its reply besides its metrics
 CLIENTS = {
-    "trivial": "",
-    "trivial+torch": "import torch  # noqa: F401",
+    "trivial": ("", ""),
+    "trivial+torch": ("import torch  # noqa: F401", ""),
+    "trivial+arrays": ("", '"arrays": msg.content["arrays"], '),
 }
 
 HANDLER = """
@@ -91,6 +102,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedmaml.config import RunConfig
+from fedmaml.federated.collect import PromptGrid
 from fedmaml.federated.records import to_record
 from fedmaml.problem import Problem
 
@@ -99,6 +111,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    grid = {grid}
     work = Problem.from_config(RunConfig.from_mapping(context.run_config))
     arrays = to_record(work.initial_params())
     while len(grid.get_node_ids()) < {nodes}:
@@ -129,19 +142,26 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     {body}
-    return Message(RecordDict({{"metrics": MetricRecord({{"num-examples": 1}})}}), reply_to=msg)
+    metrics = MetricRecord({{"num-examples": 1}})
+    return Message(RecordDict({{{reply}"metrics": metrics}}), reply_to=msg)
 """
 
 
-def write_app(root: Path, name: str, rounds: int, nodes: int, out: Path) -> Path:
-    """A Flower app dir whose ServerApp is the benchmark's and ClientApp is ``name``'s."""
-    app = root / name.replace("+", "-")
+GRIDS = {"flower": "grid", "prompt": "PromptGrid(grid)"}
+
+
+def write_app(root: Path, name: str, grid: str, rounds: int, nodes: int, out: Path) -> Path:
+    """A Flower app dir whose ServerApp is the benchmark's (collecting with ``grid``) and
+    ClientApp is ``name``'s."""
+    app = root / f"{name.replace('+', '-')}-{grid}"
     app.mkdir(parents=True)
-    (app / "bench_server.py").write_text(SERVER.format(nodes=nodes, rounds=rounds, out=str(out)))
+    server = SERVER.format(nodes=nodes, rounds=rounds, out=str(out), grid=GRIDS[grid])
+    (app / "bench_server.py").write_text(server)
     if name == "fedmaml":
         client_ref = "fedmaml.federated.client_app:app"
     else:
-        (app / "bench_client.py").write_text(CLIENT.format(body=CLIENTS[name] or "pass"))
+        body, reply = CLIENTS[name]
+        (app / "bench_client.py").write_text(CLIENT.format(body=body or "pass", reply=reply))
         client_ref = "bench_client:app"
     config = "\n".join(f"{k} = {json.dumps(v)}" for k, v in RUN_CONFIG.items())
     (app / "pyproject.toml").write_text(
@@ -212,8 +232,10 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=5, help="import timing repetitions")
     parser.add_argument("--apps", default="trivial,trivial+torch,fedmaml")
+    parser.add_argument("--grids", default="flower,prompt", help=f"of {', '.join(GRIDS)}")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
+    runs = [(a, g) for a in args.apps.split(",") for g in args.grids.split(",")]
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="fedmaml-bench-") as tmp:
         root = Path(tmp)
@@ -224,26 +246,33 @@ def main() -> None:
             for i, file in enumerate(files):
                 config = {"client-index": i, "data-path": str(file), "cache-dir": str(root)}
                 fed.add_node(f"node-{i}", config)
-            for name in args.apps.split(","):
-                out = root / f"{name}.json"
-                app = write_app(root / "apps", name, args.rounds, args.nodes, out)
+            for name, grid in runs:
+                out = root / f"{name}-{grid}.json"
+                app = write_app(root / "apps", name, grid, args.rounds, args.nodes, out)
                 code = fed.run({}, timeout=900, name=f"run-{app.name}", app_dir=app)
                 if code or not out.is_file():
                     raise SystemExit(f"{name}: the run failed; see {fed.log(f'run-{app.name}')}")
-                results[name] = {"rounds": json.loads(out.read_text())}
+                results[f"{name} / {grid}"] = {"rounds": json.loads(out.read_text())}
     print(f"node side, fresh process, median of {args.repeat}:")
     for name, seconds in results["node_side_s"].items():
         print(f"  {name:<28}{seconds:6.2f} s")
-    print(f"{'app':<15}{'round wall s (median)':>24}{'message->reply s (median)':>28}  errors")
-    for name in args.apps.split(","):
-        rounds = results[name]["rounds"]
+    print(
+        f"{'app / grid':<24}{'round wall s (median)':>24}{'message->reply s (median)':>28}"
+        f"{'pickup s (median)':>20}  errors"
+    )
+    for name, grid in runs:
+        result = results[f"{name} / {grid}"]
+        rounds = result["rounds"]
         walls = [r["wall_s"] for r in rounds]
         replies = [s for r in rounds for s in r["reply_s"]]
+        pickups = [r["wall_s"] - max(r["reply_s"]) for r in rounds if r["reply_s"]]
         errors = sum(len(r["errors"]) for r in rounds)
-        results[name]["median_round_s"] = statistics.median(walls)
-        results[name]["median_reply_s"] = statistics.median(replies)
+        result["median_round_s"] = statistics.median(walls)
+        result["median_reply_s"] = statistics.median(replies)
+        result["median_pickup_s"] = statistics.median(pickups)
         print(
-            f"{name:<15}{statistics.median(walls):>24.2f}{statistics.median(replies):>28.2f}"
+            f"{name + ' / ' + grid:<24}{statistics.median(walls):>24.2f}"
+            f"{statistics.median(replies):>28.2f}{statistics.median(pickups):>20.2f}"
             f"  {errors}   rounds: {', '.join(f'{w:.1f}' for w in walls)}"
         )
     if args.json:
