@@ -168,6 +168,45 @@ def write_global_row(df: pd.DataFrame, out: Path) -> None:
     (out / "timing.json").write_text(json.dumps({"recipe": Recipe(0, None, "all").describe()}))
 
 
+#: windows of the learning curve (each a tenth of the run's rounds)
+CURVE_WINDOWS = 10
+
+
+def learning_curve(base: Path, methods: list[str], seeds: list[int]) -> str:
+    """The training clients' query accuracy after adaptation (``history.csv``: 4 clients per
+    round) as the run went on: its mean over each tenth of the rounds, pooled over the seeds;
+    the column is the window's last round. A markdown table ("" when no run has a history)."""
+    rows = []
+    for method in methods:
+        frames = [
+            pd.read_csv(path)
+            for s in seeds
+            if (path := base / method / f"seed{s}" / "history.csv").is_file()
+        ]
+        if not frames:
+            continue
+        history = pd.concat(frames)
+        rounds = int(history["step"].max())
+        window = max(1, math.ceil(rounds / CURVE_WINDOWS))
+        ends = range(window, rounds + window, window)
+        means = {
+            min(end, rounds): history.loc[
+                (history["step"] > end - window) & (history["step"] <= end), "accuracy_after"
+            ].mean()
+            for end in ends
+        }
+        rows.append({"method": NAMES.get(method, method), "runs": len(frames), **means})
+    if not rows:
+        return ""
+    df = pd.DataFrame(rows)
+    df.columns = [f"≤ round {c}" if isinstance(c, int) else c for c in df.columns]
+    return (
+        "Learning curve: the training clients' query accuracy after adaptation during training "
+        f"(history.csv), mean over each tenth of the rounds, pooled over seeds.\n\n"
+        f"{markdown_table(df.round(4))}\n"
+    )
+
+
 def table(base: Path, methods: list[str], seeds: list[int]) -> tuple[pd.DataFrame, str]:
     """The results table and the paired comparisons, in markdown."""
     runs = {
@@ -263,6 +302,7 @@ def main() -> None:
         f"recipe on the validation clients: steps 0..{cfg.eval_steps}, lr in "
         f"{cfg.recipe_lr_list}, adapt {cfg.recipe_adapt_list}.\n\n"
         f"{markdown_table(df)}\n\n{paired}\n"
+        + (f"{curve}\n" if (curve := learning_curve(base, args.methods, args.seeds)) else "")
         + "".join(f"![{f.stem}]({f.name})\n" for f in figures)
         + f"\nReproduce (2 shared CPU cores, torch 2.13 CPU, 1 thread): `{command}`\n"
     )
