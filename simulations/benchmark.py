@@ -25,10 +25,11 @@ validation clients the same way, up to ``--local-steps``).
 Each (method, seed) goes to ``runs/benchmarks/<config>/<method>/seed<s>/`` (checkpoint with its
 recipe, recipe.csv, test_users.csv, clients_split.csv, history.csv, timing.json) and is skipped
 when already done; ``--refit`` chooses the recipes again from the trained checkpoints. The
-table (``simulations/results/<config>.md``) pools the test users of all
-seeds: mean with a 95% t-interval, the mean of each seed, percentiles over users, the share of
-users helped and hurt by personalization, the metric after 0..K steps, and each method's paired
-difference against the best FedAvg row.
+table (``simulations/results/<config>.md``, or ``<name>.md`` after ``--out .../<name>``)
+pools the test users of all seeds: mean with a 95% t-interval, the mean of each seed,
+percentiles over users, the share of users helped and hurt by personalization, the metric after
+0..K steps, each method's paired difference against the best FedAvg row, and the learning curve
+(``history.csv``).
 """
 
 from __future__ import annotations
@@ -260,12 +261,17 @@ def main() -> None:
         help="choose the recipes again (e.g. after changing recipe-lrs) from the trained "
         "checkpoints, then measure the test users again; runs not trained yet are trained",
     )
-    p.add_argument("--out", type=Path, help="runs folder (default runs/benchmarks/CONFIG)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="runs folder (default runs/benchmarks/CONFIG); its name names the results file",
+    )
     p.add_argument("--results", type=Path, help="results folder (default simulations/results)")
     args = p.parse_args()
     torch.set_num_threads(1)
     values = load_config(args.config, args.overrides)
     base = args.out or ROOT / "runs" / "benchmarks" / args.config
+    stem = base.name  # the results' name: the config's, or that of the --out folder
     if not args.table_only:
         for seed in args.seeds:
             for method in args.methods:
@@ -284,17 +290,18 @@ def main() -> None:
     figures = compare_users(
         {NAMES.get(m, m): dirs for m, dirs in done.items() if dirs and m not in GLOBAL_STEPS},
         args.results or HERE / "results",
-        stem=args.config,
+        stem=stem,
     )
     command = " ".join(
         [".venv/bin/python simulations/benchmark.py", args.config, "--seeds",
          *map(str, args.seeds), "--methods", *args.methods, "--local-steps",
          str(args.local_steps), "--local-lrs", ",".join(args.local_lrs),
-         *(f"--set {o}" for o in args.overrides)]
+         *(f"--set {o}" for o in args.overrides),
+         *([f"--out {args.out}"] if args.out else [])]
     )  # fmt: skip
     cfg = RunConfig.from_mapping({**values, "out-dir": str(base)})
     md = (
-        f"# {args.config}: personalization on test users\n\n"
+        f"# {stem}: personalization on test users\n\n"
         f"{len(args.seeds)} seeds x {cfg.num_heldout_clients} test users; "
         f"{cfg.num_train_clients} training, {cfg.num_val_clients} validation clients; "
         f"{cfg.num_rounds} rounds of {cfg.clients_per_round} clients, inner-steps "
@@ -306,10 +313,10 @@ def main() -> None:
         + "".join(f"![{f.stem}]({f.name})\n" for f in figures)
         + f"\nReproduce (2 shared CPU cores, torch 2.13 CPU, 1 thread): `{command}`\n"
     )
-    notes = HERE / f"{args.config}.notes.md"  # hand-written reading of the numbers, if any
+    notes = HERE / f"{stem}.notes.md"  # hand-written reading of the numbers, if any
     if notes.is_file():
         md += "\n" + notes.read_text()
-    (args.results or HERE / "results").joinpath(f"{args.config}.md").write_text(md)
+    (args.results or HERE / "results").joinpath(f"{stem}.md").write_text(md)
     print(md)
     if not math.isfinite(float(df["mean"].iloc[0])):
         sys.exit(1)
