@@ -106,6 +106,15 @@ def strategy_over_users(tmp_path, aggregator) -> MetaStrategy:
     return strategy
 
 
+def sent_to_two_nodes(strategy: MetaStrategy, participants: tuple[int, ...]) -> list[Message]:
+    """The training messages ``strategy`` sends nodes 11 and 12 for ``participants``, by node."""
+    per_user = [
+        Message(RecordDict({}), dst_node_id=p, message_type=MessageType.TRAIN) for p in participants
+    ]
+    sent = strategy.dispatch.out("train", per_user, [11, 12])
+    return sorted(sent, key=lambda m: m.metadata.dst_node_id)
+
+
 def many_users_reply(
     sent: Message, per_user: dict[str, object], examples: dict[str, int] | None = None
 ) -> Message:
@@ -169,12 +178,7 @@ def test_each_users_reply_is_checked_and_aggregated_as_a_nodes_would_be(tmp_path
 def test_a_robust_aggregator_acts_on_users_not_on_nodes(tmp_path):
     """Two users on one node, one outlier user on the other: the median is over the users."""
     strategy = strategy_over_users(tmp_path, FedMedian(weighted_by_key=keys.WEIGHT))
-    per_user = [
-        Message(RecordDict({}), dst_node_id=p, message_type=MessageType.TRAIN) for p in (1, 2, 3)
-    ]
-    node11, node12 = sorted(
-        strategy.dispatch.out("train", per_user, [11, 12]), key=lambda m: m.metadata.dst_node_id
-    )
+    node11, node12 = sent_to_two_nodes(strategy, (1, 2, 3))
     gs = {"train-0": grads_like(1.0), "train-1": grads_like(100.0), "train-2": grads_like(2.0)}
     replies = [
         many_users_reply(node11, {"train-0": gs["train-0"], "train-2": gs["train-2"]}),
@@ -191,12 +195,7 @@ def test_a_node_that_fails_as_a_whole_fails_each_of_its_users(tmp_path):
     from flwr.app import Error
 
     strategy = strategy_over_users(tmp_path, FedAvg(weighted_by_key=keys.WEIGHT))
-    per_user = [
-        Message(RecordDict({}), dst_node_id=p, message_type=MessageType.TRAIN) for p in (1, 2, 3)
-    ]
-    node11, node12 = sorted(
-        strategy.dispatch.out("train", per_user, [11, 12]), key=lambda m: m.metadata.dst_node_id
-    )
+    node11, node12 = sent_to_two_nodes(strategy, (1, 2, 3))
     g0, g2 = grads_like(1.0), grads_like(3.0)
     replies = [
         many_users_reply(node11, {"train-0": g0, "train-2": g2}),
@@ -222,14 +221,7 @@ def test_fedavg_computed_in_place_is_bit_identical_to_flowers_fedavg(tmp_path):
         strategy = strategy_over_users(tmp_path / aggregator.__name__, aggregator(
             weighted_by_key=keys.WEIGHT))  # fmt: skip
         strategy.cfg = strategy.cfg.replace(aggregation="weighted")
-        per_user = [
-            Message(RecordDict({}), dst_node_id=p, message_type=MessageType.TRAIN)
-            for p in (1, 2, 3, 4)
-        ]
-        node11, node12 = sorted(
-            strategy.dispatch.out("train", per_user, [11, 12]),
-            key=lambda m: m.metadata.dst_node_id,
-        )
+        node11, node12 = sent_to_two_nodes(strategy, (1, 2, 3, 4))
         gs = {f"train-{i}": grads_like(s) for i, s in enumerate((0.3, -1.7, 2.9, 0.01))}
         examples = {"train-0": 3, "train-1": 7, "train-2": 10, "train-3": 1}
         replies = [
@@ -249,12 +241,7 @@ def test_fedavg_computed_in_place_is_bit_identical_to_flowers_fedavg(tmp_path):
 @pytest.mark.usefixtures("server_task_identity")
 def test_a_stack_that_cannot_be_read_fails_its_nodes_users_and_a_missing_row_one_user(tmp_path):
     strategy = strategy_over_users(tmp_path, FedAvg(weighted_by_key=keys.WEIGHT))
-    per_user = [
-        Message(RecordDict({}), dst_node_id=p, message_type=MessageType.TRAIN) for p in (1, 2, 3, 4)
-    ]
-    node11, node12 = sorted(
-        strategy.dispatch.out("train", per_user, [11, 12]), key=lambda m: m.metadata.dst_node_id
-    )
+    node11, node12 = sent_to_two_nodes(strategy, (1, 2, 3, 4))
     g0, g2 = grads_like(1.0), grads_like(2.0)
     good = many_users_reply(node11, {"train-0": g0, "train-2": g2})
     good.content[keys.USER_ROWS] = ConfigRecord({keys.USERS: ["train-0", "train-9"]})
@@ -318,12 +305,21 @@ def test_three_users_per_node_move_theta_exactly_as_one_node_per_user(tmp_path):
         torch.testing.assert_close(theta3[k], theta[k], rtol=1e-5, atol=1e-6)
 
 
+def to_simulated_node(content: RecordDict, message_type: str, cfg: RunConfig):
+    """A message with ``content`` to simulated node 7 of a one-node federation, and that
+    node's Context for the run ``cfg``: the arguments of a ClientApp handler."""
+    from flwr.app import Context
+
+    msg = Message(content, dst_node_id=7, message_type=message_type)
+    msg.metadata.__dict__["_message_id"] = f"to-7-{message_type}"
+    node_config = {"partition-id": 0, "num-partitions": 1}
+    return msg, Context(1, 7, node_config, RecordDict(), cfg.to_mapping())
+
+
 @pytest.mark.usefixtures("server_task_identity")
 def test_a_node_personalizes_its_listed_users_with_the_recipe_the_server_sent(tmp_path):
     """The recipe travels in its own record beside the users list; each listed user's device
     model is personalized by it (not by the run's defaults)."""
-    from flwr.app import Context
-
     from fedmaml.federated import client_app
     from fedmaml.personalize import load_personalized
 
@@ -336,16 +332,7 @@ def test_a_node_personalizes_its_listed_users_with_the_recipe_the_server_sent(tm
             keys.CONFIG: ConfigRecord({keys.USERS: ["train-0", "train-1"]}),
         }
     )
-    msg = Message(content, dst_node_id=7, message_type=keys.PERSONALIZE_TYPE)
-    msg.metadata.__dict__["_message_id"] = "m1"
-    context = Context(
-        run_id=1,
-        node_id=7,
-        node_config={"partition-id": 0, "num-partitions": 1},
-        state=RecordDict(),
-        run_config=cfg.to_mapping(),
-    )
-    client_app.personalize(msg, context)
+    client_app.personalize(*to_simulated_node(content, keys.PERSONALIZE_TYPE, cfg))
     for user in ("train-0", "train-1"):
         model = load_personalized(tmp_path / "personalized" / f"{user}.pt")
         assert (model.steps, model.adapted) == (2, "head")
@@ -355,8 +342,6 @@ def test_a_node_personalizes_its_listed_users_with_the_recipe_the_server_sent(tm
 def test_each_listed_user_clips_its_update_on_the_device_like_a_node_does(tmp_path):
     """Under dp-clip every user's Δ leaves the node clipped to C, and says so."""
     import math
-
-    from flwr.app import Context
 
     from fedmaml.federated import client_app
 
@@ -368,16 +353,7 @@ def test_each_listed_user_clips_its_update_on_the_device_like_a_node_does(tmp_pa
             keys.CONFIG: ConfigRecord({keys.USERS: ["train-0", "train-1"], keys.META_ROUND: 1}),
         }
     )
-    msg = Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
-    msg.metadata.__dict__["_message_id"] = "m2"
-    context = Context(
-        run_id=1,
-        node_id=7,
-        node_config={"partition-id": 0, "num-partitions": 1},
-        state=RecordDict(),
-        run_config=cfg.to_mapping(),
-    )
-    reply = client_app.train(msg, context)
+    reply = client_app.train(*to_simulated_node(content, MessageType.TRAIN, cfg))
     assert list(reply.content[keys.USER_ROWS][keys.USERS]) == ["train-0", "train-1"]
     stacked = from_record(reply.content[keys.USER_ARRAYS])
     for row, user in enumerate(("train-0", "train-1")):

@@ -93,12 +93,11 @@ def user_update(
     msg: Message, arrays: dict[str, np.ndarray] | BadReply | None, spec: UpdateSpec
 ) -> TrainUpdate:
     """The checked update of one user of a many-users reply, or :class:`BadReply`: ``msg``
-    holds the user's metrics (or its failure), ``arrays`` its row of the reply's stacked
-    update (:func:`fedmaml.federated.users.user_rows`; None when the reply has none for it)."""
+    holds the user's metrics (or its failure: :func:`fedmaml.federated.users.user_replies`),
+    ``arrays`` its row of the reply's stacked update
+    (:func:`fedmaml.federated.users.user_rows`; None when the reply has none for it)."""
     if msg.has_error():
         raise BadReply(f"client error: {error_reason(msg)}")
-    if list(msg.content.metric_records) != [keys.METRICS]:
-        raise BadReply(f"reply must hold one MetricRecord {keys.METRICS!r}")
     if isinstance(arrays, BadReply):
         raise arrays
     if arrays is None:

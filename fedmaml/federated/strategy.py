@@ -294,7 +294,7 @@ class MetaStrategy(Strategy):
         ``train_metrics_aggr_fn``. That spares serializing every update into a reply only for
         FedAvg to deserialize it again: most of the server's time per user with many users.
         """
-        contents = {n: self._checked_content(u) for n, u in updates.items()}
+        contents = {n: self._aggregation_metrics(u) for n, u in updates.items()}
         if type(self.aggregator) is not FedAvg:
             for node, content in contents.items():
                 content[keys.ARRAYS] = ArrayRecord(
@@ -376,7 +376,7 @@ class MetaStrategy(Strategy):
             self.on_update(meta_round, params, self.optimizer)
         return to_record(params)
 
-    def _checked_content(self, update: TrainUpdate) -> RecordDict:
+    def _aggregation_metrics(self, update: TrainUpdate) -> RecordDict:
         """A reply's metrics as the aggregation sees them, with the weight the server gives
         the update (its checked arrays are added by :meth:`_aggregate` when the strategy needs
         them in the reply)."""
