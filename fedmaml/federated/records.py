@@ -11,16 +11,21 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from fedmaml.config import RunConfig
 from fedmaml.federated import keys
+from fedmaml.federated.arrays import from_array, to_array
 
 
 def to_record(params: Mapping[str, Any]) -> ArrayRecord:
-    """``{name: tensor}`` as an ArrayRecord (CPU copies, order kept)."""
-    return ArrayRecord({k: v.detach().cpu() for k, v in params.items()})
+    """``{name: tensor}`` as an ArrayRecord (CPU copies, order kept), the bytes Flower's
+    ``ArrayRecord(state_dict)`` holds (:func:`fedmaml.federated.arrays.to_array`)."""
+    return ArrayRecord({k: to_array(v.detach().cpu().numpy()) for k, v in params.items()})
 
 
 def from_record(record: ArrayRecord) -> dict[str, Any]:
-    """An ArrayRecord back as ``{name: tensor}``."""
-    return dict(record.to_torch_state_dict())
+    """An ArrayRecord back as ``{name: tensor}``, the tensors Flower's
+    ``to_torch_state_dict`` gives (:func:`fedmaml.federated.arrays.from_array`)."""
+    import torch
+
+    return {k: torch.from_numpy(from_array(v)) for k, v in record.items()}
 
 
 def run_config(context: Context) -> RunConfig:

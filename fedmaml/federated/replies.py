@@ -35,6 +35,7 @@ from flwr.app import Message
 
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import keys
+from fedmaml.federated.arrays import from_array
 from fedmaml.federated.processes import strip_ansi
 
 #: automatic norm bound: a reply more than this many times the typical (median) update norm of
@@ -115,7 +116,7 @@ def stacked_arrays(record: Any, spec: UpdateSpec, rows: int | None) -> dict[str,
     arrays = {}
     for name, array in record.items():
         try:
-            values = array.numpy()
+            values = from_array(array)
         except Exception:  # a malformed Array (bad bytes, unknown dtype)
             raise BadReply(f"update {name!r} cannot be read as an array") from None
         expected = spec.shapes[name] if rows is None else (rows, *spec.shapes[name])

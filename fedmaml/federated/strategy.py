@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -55,6 +54,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import keys
+from fedmaml.federated.arrays import from_array, to_array
 from fedmaml.federated.dispatch import Dispatch
 from fedmaml.federated.privacy import PrivacyAccount, add_noise
 from fedmaml.federated.records import to_record
@@ -298,7 +298,7 @@ class MetaStrategy(Strategy):
         if type(self.aggregator) is not FedAvg:
             for node, content in contents.items():
                 content[keys.ARRAYS] = ArrayRecord(
-                    {k: Array(v) for k, v in updates[node].arrays.items()}
+                    {k: to_array(v) for k, v in updates[node].arrays.items()}
                 )
                 messages[node].content = content
             aggregated, metrics = self.aggregator.aggregate_train(
@@ -306,7 +306,7 @@ class MetaStrategy(Strategy):
             )
             if aggregated is None:
                 return None, metrics
-            return {k: np.array(v.numpy()) for k, v in aggregated.items()}, metrics
+            return {k: from_array(v) for k, v in aggregated.items()}, metrics
         by = self.aggregator.weighted_by_key
         weights = [float(contents[n][keys.METRICS][by]) for n in updates]  # type: ignore[arg-type]
         total = sum(weights)
