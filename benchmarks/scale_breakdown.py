@@ -35,6 +35,12 @@ actors on 2 cores):
   last reply's creation to the server holding it: the server's polling), *aggregate* (reply
   checks, aggregation, meta-step) and *other* (tables, checkpoint hand-off, logging; the rest);
 * *per client*: the last reply's time divided by k (the wall time a sampled client adds);
+* *overhead beyond compute* (one user per node, per client): fedmaml's *per client* minus the
+  echo app's of the same N and k (Flower's own cost per message, measured in the same run)
+  minus fedmaml's compute per client: the clients' mean ``train-compute-s`` (the seconds each
+  meta-gradient took in its Ray actor, as the client reports it) divided by the actors that
+  run clients side by side (one per CPU core); what is left is fedmaml's ClientApp around the
+  meta-gradient (decoding θ, building the reply) and the larger messages' transport;
 * *in-process*: the same k meta-gradients in this process, one call per user (``loop``) and all
   users in one ``meta_gradients`` batch (``batched``); and the ClientApp handlers called
   directly: fedmaml's ``train`` per user, its many-users ``train`` for k users, the trivial
@@ -149,6 +155,7 @@ class Run:
     last: float = 0.0
     pickup: float = 0.0
     aggregate: float = float("nan")
+    compute: float = float("nan")
     peak_mib: float = 0.0
     processes: int = 0
     load: float = 0.0
@@ -202,6 +209,7 @@ def run_fedmaml(cfg: RunConfig, name: str) -> Run:
     run.last = float(later["wait-s"].mean())
     run.pickup = float(later["pickup-s"].mean())
     run.aggregate = float(later["aggregate-s"].mean())
+    run.compute = float(later["train-compute-s"].mean())
     run.peak_mib, run.processes = memory.peak, memory.processes
     return run
 
@@ -327,7 +335,31 @@ def table(runs: list[Run], inproc: dict[tuple[int, int], dict[str, float]]) -> s
             f"{r.before_server:.1f} | {fmt(r.discovery, 1)} | {r.round:.3f} | "
             f"{fmt(r.configure)} | {r.first:.3f} | {r.last:.3f} | {r.pickup:.3f} | "
             f"{fmt(r.aggregate)} | {r.other:.3f} | {r.per_client_ms:.2f} | "
-            f"{r.round / ref:.0f}x | {r.peak_mib:,.0f} | {r.load:.1f} |"
+            f"{r.round / ref:.1f}x | {r.peak_mib:,.0f} | {r.load:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def overhead_table(runs: list[Run], inproc: dict[tuple[int, int], dict[str, float]]) -> str:
+    """One user per node against the echo app of the same (N, k), per sampled client."""
+    actors = os.cpu_count() or 1
+    lines = [
+        "| users | per round | fedmaml 1/node (ms) | trivial (ms) | fedmaml's compute in the "
+        f"actors (ms, ÷ {actors} actors) | fedmaml overhead beyond compute (ms) | compute in "
+        "this process (ms, loop ÷ k) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    trivial = {(r.users, r.per_round): r for r in runs if r.name == "trivial"}
+    for r in runs:
+        echo = trivial.get((r.users, r.per_round))
+        if r.name != "fedmaml 1/node" or echo is None:
+            continue
+        compute = 1e3 * r.compute / actors
+        overhead = r.per_client_ms - echo.per_client_ms - compute
+        alone = 1e3 * inproc[(r.users, r.per_round)]["loop"] / r.per_round
+        lines.append(
+            f"| {r.users:,} | {r.per_round:,} | {r.per_client_ms:.2f} | "
+            f"{echo.per_client_ms:.2f} | {compute:.2f} | {overhead:.2f} | {alone:.2f} |"
         )
     return "\n".join(lines)
 
@@ -407,6 +439,10 @@ def main() -> None:
     report = "\n".join(
         [
             table(runs, inproc),
+            "",
+            "One user per node, per sampled client:",
+            "",
+            overhead_table(runs, inproc),
             "",
             f"In this process (median of {args.repeats}):",
             "",

@@ -283,6 +283,9 @@ def test_three_users_per_node_move_theta_exactly_as_one_node_per_user(tmp_path):
         clients = pd.read_csv(out / "clients.csv")
         train = clients[clients["phase"] == "train"]
         assert (train["status"] == "ok").all()
+        assert (train[keys.COMPUTE_S] > 0).all()  # each user's seconds, reported by its node
+        rounds = pd.read_csv(out / "rounds.csv").set_index("round")
+        assert (rounds.loc[1:, "train-compute-s"] > 0).all()  # round 0: no training
         sampled = {r: sorted(g["client"]) for r, g in train.groupby("round")}
         nodes = train["node_id"].nunique()
         runs[per_node] = (load_checkpoint(out / "checkpoint.pt").params, sampled, nodes)
@@ -360,3 +363,29 @@ def test_each_listed_user_clips_its_update_on_the_device_like_a_node_does(tmp_pa
         norm = math.sqrt(sum(float((v[row].double() ** 2).sum()) for v in stacked.values()))
         assert norm == pytest.approx(1e-4, rel=1e-4)
         assert reply.content[keys.user_record(keys.METRICS, user)][keys.CLIPPED_ON_DEVICE] == 1.0
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_a_train_reply_says_how_long_the_meta_gradient_took_for_one_user_or_each_of_many():
+    """``compute-s``: the node's seconds for the meta-gradient; a batch's users share them."""
+    import time
+
+    from fedmaml.federated import client_app
+
+    cfg = RunConfig(num_train_clients=3, num_heldout_clients=0, out_dir="unused")
+    theta = to_record(Problem.from_config(cfg).initial_params())
+    one = RecordDict({keys.ARRAYS: theta, keys.CONFIG: ConfigRecord({keys.META_ROUND: 1})})
+    started = time.perf_counter()
+    reply = client_app.train(*to_simulated_node(one, MessageType.TRAIN, cfg))
+    took = time.perf_counter() - started
+    assert 0 < reply.content[keys.METRICS][keys.COMPUTE_S] < took
+
+    users = ["train-0", "train-1", "train-2"]
+    many = RecordDict(
+        {keys.ARRAYS: theta, keys.CONFIG: ConfigRecord({keys.USERS: users, keys.META_ROUND: 1})}
+    )
+    started = time.perf_counter()
+    reply = client_app.train(*to_simulated_node(many, MessageType.TRAIN, cfg))
+    took = time.perf_counter() - started
+    shares = {u: reply.content[keys.user_record(keys.METRICS, u)][keys.COMPUTE_S] for u in users}
+    assert len(set(shares.values())) == 1 and 0 < 3 * shares["train-0"] < took

@@ -22,6 +22,7 @@ core are imported inside the handlers: a deployed node starts a new process per 
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -84,11 +85,13 @@ def describe(msg: Message, context: Context) -> Message:
 @serves_users
 def train(msg: Message, context: Context) -> Message:
     """Δ = −g for this client's episodes of the round (clipped to the run's norm bound, if
-    any), and its query metrics."""
+    any), its query metrics, and the seconds g took (``compute-s``)."""
     cfg, identity, client, work = _node(context)
     params = from_record(msg.content[keys.ARRAYS])
     meta_round = int(msg.content[keys.CONFIG][keys.META_ROUND])
+    started = time.perf_counter()
     grads, metrics = work.client_meta_gradient(params, client, identity.index, meta_round)
+    metrics[keys.COMPUTE_S] = time.perf_counter() - started
     return Message(train_content(cfg, grads, metrics), reply_to=msg)
 
 

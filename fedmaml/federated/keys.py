@@ -64,6 +64,9 @@ ACTIVE, DEAD = "active", "dead"
 SEED_SHARES, KEY_SHARES = "seed-shares", "key-shares"
 #: a client's training metric: 1 when it clipped its update to the norm bound, else 0
 CLIPPED_ON_DEVICE = "clipped-on-device"
+#: a client's training metric: the seconds its meta-gradient took on its node (a user's equal
+#: share of its node's batch); ``rounds.csv`` holds its mean as ``train-compute-s``
+COMPUTE_S = "compute-s"
 
 
 # ---------------------------------------------------------------- users (fedmaml.federated.users)

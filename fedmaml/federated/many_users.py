@@ -16,6 +16,7 @@ reply.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -54,13 +55,16 @@ def train(msg: Message, context: Context, users: list[User]) -> Message:
     """Δ_u = −g_u and the query metrics of each listed user, computed in one batch. The users'
     Δ_u travel stacked, one array per parameter with a row per user (``user-arrays``, the rows'
     users in ``user-rows``): one array to encode here and to decode on the server instead of
-    one per user and parameter; each user's metrics travel as ``metrics.<user>``."""
+    one per user and parameter; each user's metrics travel as ``metrics.<user>``, its
+    ``compute-s`` being an equal share of the batch's seconds."""
     cfg, work = _work(context)
     clients = _clients(context.node_config, cfg, users)
     params = from_record(msg.content[keys.ARRAYS])
     meta_round = int(msg.content[keys.CONFIG][keys.META_ROUND])
     ready = [u for u in users if not isinstance(clients[u], Exception)]
+    started = time.perf_counter()
     results = work.users_meta_gradients(params, [(clients[u], u.index) for u in ready], meta_round)
+    share = (time.perf_counter() - started) / max(1, len(ready))
     outcome: dict[User, RecordDict | Exception] = {
         u: clients[u] for u in users if isinstance(clients[u], Exception)
     }
@@ -69,7 +73,9 @@ def train(msg: Message, context: Context, users: list[User]) -> Message:
         if isinstance(result, Exception):
             outcome[user] = result
             continue
-        updates[user], values = train_values(cfg, *result)
+        grads, metrics = result
+        metrics[keys.COMPUTE_S] = share
+        updates[user], values = train_values(cfg, grads, metrics)
         outcome[user] = RecordDict({keys.METRICS: values})
     reply = _reply(msg, users, outcome, clients)
     if updates:
