@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedmaml.federated import keys
@@ -33,10 +33,10 @@ from fedmaml.federated.app_logging import through_flower
 from fedmaml.federated.client_errors import one_line_errors
 from fedmaml.federated.many_users import serves_users
 from fedmaml.federated.records import (
+    describe_content,
     evaluation_content,
     from_record,
     run_config,
-    sent_recipe,
     train_content,
 )
 from fedmaml.federated.secagg_client import secure_aggregation_mod
@@ -69,16 +69,9 @@ def describe(msg: Message, context: Context) -> Message:
     from fedmaml.federated.node import load_client
 
     identity, client = load_client(context.node_config, run_config(context))
-    content = ConfigRecord(
-        {
-            keys.ROLE: identity.role,
-            keys.CLIENT_INDEX: identity.index,
-            keys.CLIENT_ID: client.client_id,
-            keys.NUM_EXAMPLES: len(client),
-            keys.NUM_PARTITIONS: int(context.node_config.get("num-partitions", 0)),
-        }
-    )
-    return Message(RecordDict({keys.DESCRIBE: content}), reply_to=msg)
+    partitions = int(context.node_config.get(keys.NUM_PARTITIONS, 0))
+    content = describe_content(identity.role, identity.index, client, partitions)
+    return Message(content, reply_to=msg)
 
 
 @app.train()
@@ -111,20 +104,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 def personalize(msg: Message, context: Context) -> Message:
     """Personalize θ on this device: adapt on the client's training pool, evaluate on its
     held-out pool, save θ'_K on the device; only the metrics leave it."""
-    from fedmaml.federated.node import personalized_path
-    from fedmaml.personalize import personalize_client
+    from fedmaml.federated.node_personalize import personalize_content
 
     cfg, identity, client, work = _node(context)
-    metrics = personalize_client(
-        from_record(msg.content[keys.ARRAYS]),
-        cfg.model_name,
-        client,
-        save_to=personalized_path(context.node_config, cfg, identity),
-        model_kwargs=work.model_kwargs,
-        config=cfg.to_mapping(),
-        seed=cfg.seed,
-        recipe=sent_recipe(msg),
-        inputs=work.inputs.to_dict(),
-    )
-    values = {keys.metric_key(k): float(v) for k, v in metrics.items()}
-    return Message(RecordDict({keys.METRICS: MetricRecord(values)}), reply_to=msg)
+    content = personalize_content(msg, context.node_config, cfg, work, client, identity)
+    return Message(content, reply_to=msg)

@@ -21,17 +21,17 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import keys
 from fedmaml.federated.client_errors import reason
 from fedmaml.federated.records import (
+    describe_content,
     evaluation_content,
     from_record,
     run_config,
-    sent_recipe,
     to_record,
     train_values,
 )
@@ -107,67 +107,36 @@ def evaluate(msg: Message, context: Context, users: list[User]) -> Message:
 
 def personalize(msg: Message, context: Context, users: list[User]) -> Message:
     """Personalize θ for each listed user (one at a time); each model stays on this node."""
-    from fedmaml.federated.node import NodeIdentity, personalized_path
-    from fedmaml.personalize import personalize_client
+    from fedmaml.federated.node import NodeIdentity
+    from fedmaml.federated.node_personalize import personalize_content
 
     cfg, work = _work(context)
     clients = _clients(context.node_config, cfg, users)
-    params = from_record(msg.content[keys.ARRAYS])
     outcome: dict[User, RecordDict | Exception] = {}
     for user in users:
         client = clients[user]
         if isinstance(client, Exception):
             outcome[user] = client
             continue
+        who = NodeIdentity(user.role, user.index)
         try:
-            metrics = personalize_client(
-                params,
-                cfg.model_name,
-                client,
-                save_to=personalized_path(
-                    context.node_config, cfg, NodeIdentity(user.role, user.index)
-                ),
-                model_kwargs=work.model_kwargs,
-                config=cfg.to_mapping(),
-                seed=cfg.seed,
-                recipe=sent_recipe(msg),
-                inputs=work.inputs.to_dict(),
-            )
+            outcome[user] = personalize_content(msg, context.node_config, cfg, work, client, who)
         except FedmamlError as exc:
             outcome[user] = exc
-            continue
-        values = {keys.metric_key(k): float(v) for k, v in metrics.items()}
-        outcome[user] = RecordDict({keys.METRICS: MetricRecord(values)})
     return _reply(msg, users, outcome, clients)
 
 
 def describe(msg: Message, context: Context, users: list[User]) -> Message:
     """Who each listed user is (role, index, data identity, examples), as this node serves it,
     and the simulated federation's size."""
-    cfg = run_config(context)
-    clients = _clients(context.node_config, cfg, users)
-    outcome: dict[User, RecordDict | Exception] = {}
-    for user in users:
-        client = clients[user]
-        outcome[user] = (
-            client
-            if isinstance(client, Exception)
-            else RecordDict(
-                {
-                    keys.DESCRIBE: ConfigRecord(
-                        {
-                            keys.ROLE: user.role,
-                            keys.CLIENT_INDEX: user.index,
-                            keys.CLIENT_ID: client.client_id,
-                            keys.NUM_EXAMPLES: len(client),
-                            keys.NUM_PARTITIONS: int(
-                                context.node_config.get(keys.NUM_PARTITIONS, 0)
-                            ),
-                        }
-                    )
-                }
-            )
-        )
+    clients = _clients(context.node_config, run_config(context), users)
+    partitions = int(context.node_config.get(keys.NUM_PARTITIONS, 0))
+    outcome: dict[User, RecordDict | Exception] = {
+        user: client
+        if isinstance(client, Exception)
+        else describe_content(user.role, user.index, client, partitions)
+        for user, client in clients.items()
+    }
     return _reply(msg, users, outcome, clients)
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedmaml.config import RunConfig
 from fedmaml.federated import keys
 from fedmaml.federated.arrays import from_array, to_array
+
+if TYPE_CHECKING:
+    from fedmaml.tasks.episodes import ClientData
 
 
 def to_record(params: Mapping[str, Any]) -> ArrayRecord:
@@ -77,3 +80,16 @@ def evaluation_content(curve: list[dict[str, float]], num_query: int) -> RecordD
     for k, entry in enumerate(curve):
         values.update({f"{name}-{k}": v for name, v in entry.items()})
     return RecordDict({keys.METRICS: MetricRecord(values)})
+
+
+def describe_content(role: str, index: int, client: ClientData, num_partitions: int) -> RecordDict:
+    """A ``query.describe`` reply: who the user is (role, client index), its data's identity
+    and size, and (simulation) the federation's size."""
+    values = {
+        keys.ROLE: role,
+        keys.CLIENT_INDEX: index,
+        keys.CLIENT_ID: client.client_id,
+        keys.NUM_EXAMPLES: len(client),
+        keys.NUM_PARTITIONS: num_partitions,
+    }
+    return RecordDict({keys.DESCRIBE: ConfigRecord(values)})  # type: ignore[arg-type]
