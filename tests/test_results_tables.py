@@ -101,3 +101,51 @@ def test_resume_after_a_run_that_stopped_before_round_one(tmp_path):
     resumed.round_values(1, ok=3)
     resumed.flush()
     assert RunRecorder(tmp_path, {}).rounds[1]["ok"] == 3
+
+
+def client(r: int, node: int, **extra) -> dict:
+    return {"round": r, "phase": "train", "node_id": node, "status": "ok", "loss": r / 3, **extra}
+
+
+def test_clients_csv_grows_by_appending_and_is_rewritten_only_for_new_columns(tmp_path):
+    """Each round appends its rows to the same file; a row with a new column rewrites it; the
+    text is always the whole table's."""
+    recorder = RunRecorder(tmp_path, {})
+    path = tmp_path / CLIENTS
+    inodes = []
+    for r in range(1, 5):
+        for node in range(3):
+            extra = {"reason": "late"} if (r, node) == (3, 1) else {}
+            recorder.client_row(**client(r, node, **extra))
+        recorder.flush()
+        inodes.append(path.stat().st_ino)
+        assert path.read_text() == recorder._clients_csv.text(enumerate(recorder.clients))
+        assert_as_pandas_wrote(path, recorder.clients, tmp_path)
+    assert inodes[1] == inodes[0]  # round 2 appended
+    assert inodes[2] != inodes[1]  # round 3 brought the column "reason": rewritten
+    assert inodes[3] == inodes[2]  # round 4 appended again
+
+
+def test_a_clients_csv_changed_behind_the_runs_back_is_rewritten_whole(tmp_path):
+    recorder = RunRecorder(tmp_path, {})
+    recorder.client_row(**client(1, 0))
+    recorder.flush()
+    (tmp_path / CLIENTS).write_text("something else\n")
+    recorder.client_row(**client(2, 0))
+    recorder.flush()
+    assert_as_pandas_wrote(tmp_path / CLIENTS, recorder.clients, tmp_path)
+
+
+def test_a_last_line_cut_short_by_a_crash_is_dropped_on_resume(tmp_path, caplog):
+    recorder = RunRecorder(tmp_path, {})
+    for r in (1, 2):
+        recorder.client_row(**client(r, 0))
+    recorder.flush()
+    path = tmp_path / CLIENTS
+    path.write_text(path.read_text() + "3,train,0,o")  # an append the crash cut short
+    resumed = RunRecorder(tmp_path, {})
+    assert [c["round"] for c in resumed.clients] == [1, 2]
+    assert "cut short" in caplog.text
+    resumed.client_row(**client(3, 0))
+    resumed.flush()
+    assert_as_pandas_wrote(path, resumed.clients, tmp_path)

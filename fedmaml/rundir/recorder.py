@@ -1,19 +1,26 @@
 """Writing a run's tables: per-round and per-client metrics pandas reads, and a summary.
 
-``rounds.csv`` (one row per round) and ``clients.csv`` (one row per client reply or failure) are
-rewritten atomically after every round, so a crash keeps them; ``summary.json`` (configuration,
-how the run ended, final metrics, wall time) at the end.
+``rounds.csv`` (one row per round) is rewritten atomically after every round, so a crash keeps
+it; ``summary.json`` (configuration, how the run ended, final metrics, wall time) is written at
+the end.
+
+``clients.csv`` (one row per client reply or failure) only grows: after a round its new rows
+are appended, and the file is rewritten (atomically) only when a row brings a new column, after
+a resume's truncation, or when the file on disk is not the one last written. Rewriting it
+every round cost the whole table's bytes each round: 47 ms a round after 1,000 rounds of 100
+clients, and growing. A crash in the middle of an append can leave a last line cut short; a
+resumed run drops it (:meth:`RunRecorder._load_existing`).
 
 The CSV files are written as pandas writes a DataFrame of the rows (columns in order of first
 appearance, a missing or NaN value an empty field) and ``pd.read_csv`` reads back the same
-table; each row is formatted once and kept, so rewriting the files after a round costs the
-bytes written, not a new formatting of every earlier round (which made a long run's rounds
-slower and slower).
+table; each row is formatted once and kept.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 import numbers
 import time
@@ -23,6 +30,8 @@ from typing import Any
 
 from fedmaml.atomic import atomic_write
 from fedmaml.rundir.names import CLIENTS, ROUNDS, SUMMARY
+
+log = logging.getLogger(__name__)
 
 
 class CsvTable:
@@ -52,13 +61,17 @@ class CsvTable:
         """The CSV text of ``(key, row)`` pairs, in that order."""
         if not self.columns:
             return "\n"  # pandas' text for a table without columns
-        lines = [",".join(_quote(c) for c in self.columns)]
+        return ",".join(_quote(c) for c in self.columns) + "\n" + self.lines(rows)
+
+    def lines(self, rows: Iterable[tuple[Any, dict[str, Any]]]) -> str:
+        """The CSV lines of ``(key, row)`` pairs without the header, each ending a line."""
+        out = []
         for key, row in rows:
             line = self._lines.get(key)
             if line is None:
                 line = self._lines[key] = ",".join(_field(row.get(c)) for c in self.columns)
-            lines.append(line)
-        return "\n".join(lines) + "\n"
+            out.append(line + "\n")
+        return "".join(out)
 
 
 def _field(value: Any) -> str:
@@ -94,6 +107,8 @@ class RunRecorder:
         self._load_existing()
         self._rounds_csv = CsvTable()
         self._clients_csv = CsvTable()
+        #: what clients.csv on disk holds: its first rows, under these columns, in these bytes
+        self._clients_written = (0, (), -1)
         self._reset_tables()
 
     def _load_existing(self) -> None:
@@ -106,9 +121,17 @@ class RunRecorder:
 
         def rows(path: Path) -> list[dict[str, Any]]:
             """The table's rows; none for a missing file or one without columns (a run that
-            stopped before its first round)."""
+            stopped before its first round). A last line without its end (an append cut
+            short by a crash) is dropped, and said."""
+            if not path.is_file():
+                return []
+            text = path.read_text()
+            if text and not text.endswith("\n"):
+                cut = text.rfind("\n") + 1
+                log.warning("%s: its last line was cut short (a crash?): dropped", path)
+                text = text[:cut]
             try:
-                return pd.read_csv(path).to_dict("records") if path.is_file() else []
+                return pd.read_csv(io.StringIO(text)).to_dict("records")
             except pd.errors.EmptyDataError:
                 return []
 
@@ -136,12 +159,36 @@ class RunRecorder:
     def _reset_tables(self) -> None:
         self._rounds_csv.reset(self.rounds[r] for r in sorted(self.rounds))
         self._clients_csv.reset(self.clients)
+        self._clients_written = (0, (), -1)
 
     def flush(self) -> None:
         rounds = self._rounds_csv.text((r, self.rounds[r]) for r in sorted(self.rounds))
-        clients = self._clients_csv.text(enumerate(self.clients))
         atomic_write(self.out_dir / ROUNDS, lambda f: f.write(rounds))
-        atomic_write(self.out_dir / CLIENTS, lambda f: f.write(clients))
+        self._flush_clients()
+
+    def _flush_clients(self) -> None:
+        """Append the rows added since the last write to ``clients.csv``, or rewrite it when
+        its columns changed or the file is not the one last written (module docstring)."""
+        path = self.out_dir / CLIENTS
+        written, columns, size = self._clients_written
+        now = tuple(self._clients_csv.columns)
+        try:
+            same_file = path.stat().st_size == size
+        except OSError:
+            same_file = False
+        if written and columns == now and same_file:
+            new = self._clients_csv.lines(
+                (i, self.clients[i]) for i in range(written, len(self.clients))
+            )
+            data = new.encode()
+            with path.open("ab") as f:
+                f.write(data)
+            size += len(data)
+        else:
+            data = self._clients_csv.text(enumerate(self.clients)).encode()
+            atomic_write(path, lambda f: f.write(data), mode="wb")
+            size = len(data)
+        self._clients_written = (len(self.clients), now, size)
 
     def updated_rounds(self, after: int = 0) -> int:
         """How many rounds after ``after`` updated θ."""
