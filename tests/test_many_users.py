@@ -239,6 +239,23 @@ def test_fedavg_computed_in_place_is_bit_identical_to_flowers_fedavg(tmp_path):
 
 
 @pytest.mark.usefixtures("server_task_identity")
+def test_a_plain_fedavg_with_its_own_metrics_function_gets_it_called(tmp_path):
+    def count(records, by):
+        weight = sum(r[keys.METRICS][by] for r in records)
+        return MetricRecord({"replies": len(records), "weight": weight})
+
+    strategy = strategy_over_users(tmp_path, FedAvg(weighted_by_key=keys.WEIGHT,
+                                                    train_metrics_aggr_fn=count))  # fmt: skip
+    node11, node12 = sent_to_two_nodes(strategy, (1, 2, 3, 4))
+    replies = [
+        many_users_reply(node11, {u: grads_like(1.0) for u in ("train-0", "train-2")}),
+        many_users_reply(node12, {u: grads_like(2.0) for u in ("train-1", "train-3")}),
+    ]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert dict(metrics) == {"replies": 4, "weight": 4}
+
+
+@pytest.mark.usefixtures("server_task_identity")
 def test_a_stack_that_cannot_be_read_fails_its_nodes_users_and_a_missing_row_one_user(tmp_path):
     strategy = strategy_over_users(tmp_path, FedAvg(weighted_by_key=keys.WEIGHT))
     node11, node12 = sent_to_two_nodes(strategy, (1, 2, 3, 4))

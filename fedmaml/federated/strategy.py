@@ -50,6 +50,7 @@ from flwr.app import (
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedmaml.config import RunConfig
 from fedmaml.errors import FedmamlError
@@ -89,6 +90,22 @@ class _TrainingNodes:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
+
+
+def weighted_metrics(rows: list[dict[str, float | int]], by: str) -> MetricRecord:
+    """Flower's ``aggregate_metricrecords`` (FedAvg's default ``train_metrics_aggr_fn``) on plain
+    dicts: m̄_k = Σ_i (w_i / Σ_j w_j) m_ik over the rows in turn, w_i = row[by], every key but
+    ``by`` in each row's order; the same arithmetic in the same order, so the same floats
+    (tests/test_many_users.py), without a MetricRecord per row and a checked write per value."""
+    total = sum(row[by] for row in rows)
+    out: dict[str, float | int] = {}
+    for row in rows:
+        factor = row[by] / total
+        for key, value in row.items():
+            if key == by:
+                continue
+            out[key] = out[key] + value * factor if key in out else value * factor
+    return MetricRecord(out)
 
 
 class MetaStrategy(Strategy):
@@ -290,15 +307,16 @@ class MetaStrategy(Strategy):
         Flower's plain ``FedAvg`` (that class exactly: not a subclass or a wrapper) is computed
         here instead, on the arrays already decoded and checked, with FedAvg's own arithmetic
         and order, Δ̄ = Σ_i (w_i / Σ_j w_j) Δ_i accumulated over the replies in turn
-        (bit-identical: tests/test_many_users.py), and its metrics through FedAvg's own
-        ``train_metrics_aggr_fn``. That spares serializing every update into a reply only for
+        (bit-identical: tests/test_many_users.py), and its metrics by FedAvg's own
+        ``train_metrics_aggr_fn``, Flower's default one computed here the same way
+        (:func:`weighted_metrics`). That spares serializing every update into a reply only for
         FedAvg to deserialize it again: most of the server's time per user with many users.
         """
-        contents = {n: self._aggregation_metrics(u) for n, u in updates.items()}
         if type(self.aggregator) is not FedAvg:
-            for node, content in contents.items():
+            for node, update in updates.items():
+                content = self._aggregation_metrics(update)
                 content[keys.ARRAYS] = ArrayRecord(
-                    {k: to_array(v) for k, v in updates[node].arrays.items()}
+                    {k: to_array(v) for k, v in update.arrays.items()}
                 )
                 messages[node].content = content
             aggregated, metrics = self.aggregator.aggregate_train(
@@ -308,18 +326,20 @@ class MetaStrategy(Strategy):
                 return None, metrics
             return {k: from_array(v) for k, v in aggregated.items()}, metrics
         by = self.aggregator.weighted_by_key
-        weights = [float(contents[n][keys.METRICS][by]) for n in updates]  # type: ignore[arg-type]
-        total = sum(weights)
+        rows = [self._aggregation_values(u) for u in updates.values()]
+        total = sum(row[by] for row in rows)
         mean: dict[str, np.ndarray] = {}
-        for update, weight in zip(updates.values(), weights, strict=True):
-            factor = weight / total
+        for update, row in zip(updates.values(), rows, strict=True):
+            factor = row[by] / total
             for name, value in update.arrays.items():
                 if name in mean:
                     mean[name] += value * factor
                 else:
                     mean[name] = value * factor
-        metrics = self.aggregator.train_metrics_aggr_fn(list(contents.values()), by)
-        return mean, metrics
+        if self.aggregator.train_metrics_aggr_fn is aggregate_metricrecords:
+            return mean, weighted_metrics(rows, by)
+        records = [RecordDict({keys.METRICS: MetricRecord(row)}) for row in rows]
+        return mean, self.aggregator.train_metrics_aggr_fn(records, by)
 
     def _aggregate_secure(self, meta_round: int) -> ArrayRecord | None:
         """The round's SecAgg+ outcome: every sampled node's row, then θ's update from the
@@ -376,13 +396,16 @@ class MetaStrategy(Strategy):
             self.on_update(meta_round, params, self.optimizer)
         return to_record(params)
 
-    def _aggregation_metrics(self, update: TrainUpdate) -> RecordDict:
+    def _aggregation_values(self, update: TrainUpdate) -> dict[str, float | int]:
         """A reply's metrics as the aggregation sees them, with the weight the server gives
-        the update (its checked arrays are added by :meth:`_aggregate` when the strategy needs
-        them in the reply)."""
+        the update."""
         weight = update.num_examples if self.cfg.aggregation == "weighted" else 1
-        metrics = {**update.metrics, keys.NUM_EXAMPLES: update.num_examples, keys.WEIGHT: weight}
-        return RecordDict({keys.METRICS: MetricRecord(metrics)})
+        return {**update.metrics, keys.NUM_EXAMPLES: update.num_examples, keys.WEIGHT: weight}
+
+    def _aggregation_metrics(self, update: TrainUpdate) -> RecordDict:
+        """:meth:`_aggregation_values` as a reply's content (its checked arrays are added by
+        :meth:`_aggregate` when the strategy needs them in the reply)."""
+        return RecordDict({keys.METRICS: MetricRecord(self._aggregation_values(update))})
 
     # ------------------------------------------------------------------ evaluation
 
