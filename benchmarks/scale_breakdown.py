@@ -11,7 +11,7 @@ populations):
 
 **Workload.** Sinusoid MAML (MLP 1-40-40-1, 1 inner step, Adam), a population of N training
 users (no held-out users, evaluation off in the timed rounds), k users sampled per round, R
-rounds. For every (N, k) three simulations run one after the other, each launched by
+rounds. For every (N, k) four simulations run one after the other, each launched by
 ``fedmaml.federated.simulation.simulate`` (own SuperLink, Ray backend, 1 CPU per actor = 2
 actors on 2 cores):
 
@@ -20,7 +20,10 @@ actors on 2 cores):
   2, one per actor), each round one message per node listing its share of the k users, whose
   meta-gradients it computes in one vmap batch;
 * ``trivial``: ``benchmarks/trivial_app`` (FedAvg over clients that echo the arrays they get,
-  Flower's own ``send_and_receive`` and its 0.1 s polling), N nodes, k sampled per round.
+  Flower's own ``send_and_receive`` and its 0.1 s polling), N nodes, k sampled per round;
+* ``trivial, 2 nodes`` (``trivial-nodes``): the same app on as many nodes as the many-users
+  runs have, each sent one message per round: Flower's floor for those runs (its dispatcher's
+  wait and a Ray call, from the push to the last reply's creation), listed under their (N, k).
 
 **The split** (means over rounds 2..R; round 1 is part of the start-up):
 
@@ -214,9 +217,9 @@ def run_fedmaml(cfg: RunConfig, name: str) -> Run:
     return run
 
 
-def run_trivial(cfg: RunConfig, shapes: str) -> Run:
+def run_trivial(cfg: RunConfig, shapes: str, name: str = "trivial") -> Run:
     nodes = cfg.num_train_clients
-    run = Run("trivial", nodes, cfg.clients_per_round, nodes, load=os.getloadavg()[0])
+    run = Run(name, nodes, cfg.clients_per_round, nodes, load=os.getloadavg()[0])
     stamps = Path(cfg.out_dir).resolve() / "round_ends.txt"
     exchanges = Path(cfg.out_dir).resolve() / "exchanges.jsonl"
     app_config = {
@@ -330,12 +333,15 @@ def table(runs: list[Run], inproc: dict[tuple[int, int], dict[str, float]]) -> s
     ]
     for r in runs:
         ref = inproc[(r.users, r.per_round)]["batched"]
+        floor = r.name.startswith("trivial, ")  # not k clients: no per-client time or ratio
+        per_client = "–" if floor else f"{r.per_client_ms:.2f}"
+        ratio = "–" if floor else f"{r.round / ref:.1f}x"
         lines.append(
             f"| {r.users:,} | {r.per_round:,} | {r.name} | {r.nodes:,} | {r.startup:.1f} | "
             f"{r.before_server:.1f} | {fmt(r.discovery, 1)} | {r.round:.3f} | "
             f"{fmt(r.configure)} | {r.first:.3f} | {r.last:.3f} | {r.pickup:.3f} | "
-            f"{fmt(r.aggregate)} | {r.other:.3f} | {r.per_client_ms:.2f} | "
-            f"{r.round / ref:.1f}x | {r.peak_mib:,.0f} | {r.load:.1f} |"
+            f"{fmt(r.aggregate)} | {r.other:.3f} | {per_client} | {ratio} | "
+            f"{r.peak_mib:,.0f} | {r.load:.1f} |"
         )
     return "\n".join(lines)
 
@@ -360,6 +366,30 @@ def overhead_table(runs: list[Run], inproc: dict[tuple[int, int], dict[str, floa
         lines.append(
             f"| {r.users:,} | {r.per_round:,} | {r.per_client_ms:.2f} | "
             f"{echo.per_client_ms:.2f} | {compute:.2f} | {overhead:.2f} | {alone:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def many_users_table(runs: list[Run], inproc: dict[tuple[int, int], dict[str, float]]) -> str:
+    """Many users per node against Flower's floor: the echo app on as many nodes, one message
+    each, from the push to its last reply's creation (dispatch and a Ray call)."""
+    lines = [
+        "| users | per round | round (s) | in-process batched (s) | round / in-process | "
+        "Flower's floor: echo on the same nodes, push → last reply (s) | round − floor (s) | "
+        "(round − floor) / in-process |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    floors = {(r.users, r.per_round): r for r in runs if r.name.startswith("trivial, ")}
+    for r in runs:
+        floor = floors.get((r.users, r.per_round))
+        if not r.name.startswith("fedmaml ") or r.name == "fedmaml 1/node":
+            continue
+        ref = inproc[(r.users, r.per_round)]["batched"]
+        rest = r.round - floor.last if floor else float("nan")
+        lines.append(
+            f"| {r.users:,} | {r.per_round:,} | {r.round:.3f} | {ref:.3f} | {r.round / ref:.1f}x "
+            f"| {fmt(floor.last if floor else float('nan'))} | {fmt(rest)} | "
+            f"{'–' if rest != rest else f'{rest / ref:.1f}x'} |"
         )
     return "\n".join(lines)
 
@@ -392,7 +422,7 @@ def main() -> None:
     parser.add_argument(
         "--one-node-max", type=int, default=10000, help="largest population run 1 user/node"
     )
-    parser.add_argument("--runs", default="fedmaml-1,trivial,fedmaml-many")
+    parser.add_argument("--runs", default="fedmaml-1,trivial,fedmaml-many,trivial-nodes")
     parser.add_argument("--min-free-gb", type=float, default=6.0)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="population 1,000 only")
@@ -414,7 +444,7 @@ def main() -> None:
                 print(f"in-process N={users} k={k}: {inproc[(users, k)]}", flush=True)
                 rounds = args.rounds if k < 1000 else max(3, args.rounds // 2)
                 for name in wanted:
-                    if name != "fedmaml-many" and users > args.one_node_max:
+                    if name in ("fedmaml-1", "trivial") and users > args.one_node_max:
                         skipped.append(f"{name} at {users:,} users: above --one-node-max")
                         continue
                     free = available_gb()
@@ -426,6 +456,12 @@ def main() -> None:
                     cfg = config(users, k, rounds, out, per_node)
                     if name == "trivial":
                         run = run_trivial(cfg, shapes)
+                    elif name == "trivial-nodes":
+                        # Flower's floor for the many-users runs: one echo message to each of
+                        # their nodes per round; reported under (N, k) it stands for
+                        cfg = config(args.nodes, args.nodes, rounds, out)
+                        run = run_trivial(cfg, shapes, f"trivial, {args.nodes} nodes")
+                        run.users, run.per_round = users, k
                     else:
                         label = "fedmaml 1/node" if per_node == 1 else f"fedmaml {per_node}/node"
                         run = run_fedmaml(cfg, label)
@@ -439,6 +475,10 @@ def main() -> None:
     report = "\n".join(
         [
             table(runs, inproc),
+            "",
+            "Many users per node against Flower's floor:",
+            "",
+            many_users_table(runs, inproc),
             "",
             "One user per node, per sampled client:",
             "",
