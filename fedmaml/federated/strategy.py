@@ -92,6 +92,12 @@ class _TrainingNodes:
         return getattr(self._grid, name)
 
 
+def metrics_content(values: dict[str, float | int]) -> RecordDict:
+    """A reply's content as an aggregation strategy reads its metrics (the checked arrays are
+    added by :meth:`MetaStrategy._aggregate` when the strategy needs them in the reply)."""
+    return RecordDict({keys.METRICS: MetricRecord(values)})
+
+
 def weighted_metrics(rows: list[dict[str, float | int]], by: str) -> MetricRecord:
     """Flower's ``aggregate_metricrecords`` (FedAvg's default ``train_metrics_aggr_fn``) on plain
     dicts: m̄_k = Σ_i (w_i / Σ_j w_j) m_ik over the rows in turn, w_i = row[by], every key but
@@ -314,7 +320,7 @@ class MetaStrategy(Strategy):
         """
         if type(self.aggregator) is not FedAvg:
             for node, update in updates.items():
-                content = self._aggregation_metrics(update)
+                content = metrics_content(self._aggregation_values(update))
                 content[keys.ARRAYS] = ArrayRecord(
                     {k: to_array(v) for k, v in update.arrays.items()}
                 )
@@ -338,7 +344,7 @@ class MetaStrategy(Strategy):
                     mean[name] = value * factor
         if self.aggregator.train_metrics_aggr_fn is aggregate_metricrecords:
             return mean, weighted_metrics(rows, by)
-        records = [RecordDict({keys.METRICS: MetricRecord(row)}) for row in rows]
+        records = [metrics_content(row) for row in rows]
         return mean, self.aggregator.train_metrics_aggr_fn(records, by)
 
     def _aggregate_secure(self, meta_round: int) -> ArrayRecord | None:
@@ -401,11 +407,6 @@ class MetaStrategy(Strategy):
         the update."""
         weight = update.num_examples if self.cfg.aggregation == "weighted" else 1
         return {**update.metrics, keys.NUM_EXAMPLES: update.num_examples, keys.WEIGHT: weight}
-
-    def _aggregation_metrics(self, update: TrainUpdate) -> RecordDict:
-        """:meth:`_aggregation_values` as a reply's content (its checked arrays are added by
-        :meth:`_aggregate` when the strategy needs them in the reply)."""
-        return RecordDict({keys.METRICS: MetricRecord(self._aggregation_values(update))})
 
     # ------------------------------------------------------------------ evaluation
 

@@ -107,8 +107,6 @@ class RunRecorder:
         self._load_existing()
         self._rounds_csv = CsvTable()
         self._clients_csv = CsvTable()
-        #: what clients.csv on disk holds: its first rows, under these columns, in these bytes
-        self._clients_written = (0, (), -1)
         self._reset_tables()
 
     def _load_existing(self) -> None:
@@ -159,7 +157,9 @@ class RunRecorder:
     def _reset_tables(self) -> None:
         self._rounds_csv.reset(self.rounds[r] for r in sorted(self.rounds))
         self._clients_csv.reset(self.clients)
-        self._clients_written = (0, (), -1)
+        #: what clients.csv on disk holds: its first rows, under these columns, in these bytes
+        #: (none yet: the next flush writes the file whole)
+        self._clients_written: tuple[int, tuple[str, ...], int] = (0, (), -1)
 
     def flush(self) -> None:
         rounds = self._rounds_csv.text((r, self.rounds[r]) for r in sorted(self.rounds))
